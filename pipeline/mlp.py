@@ -1,0 +1,84 @@
+"""MLP head on concat pooling: fastai-style BN-Dropout-Linear-ReLU blocks, trained on cached features.
+
+Inputs are `[avg, max]` (2C). Training is full-feature-in-memory AdamW with early stopping on val loss; the best
+epoch's weights are kept. Seeded and deterministic on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import MlpConfig
+from pipeline.runtime import progress_disabled, seed_everything, set_deterministic
+
+log = logging.getLogger("pipeline.mlp")
+
+
+class MlpHead(nn.Sequential):
+    """[BN -> Dropout -> Linear -> ReLU] per hidden size, then BN -> Dropout -> Linear to the classes.
+
+    The first dropout is half the rate of the others, as in fastai's `create_head`.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: list[int], dropout: float):
+        layers: list[nn.Module] = []
+        sizes = [in_features, *hidden]
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [nn.BatchNorm1d(n_in), nn.Dropout(dropout / 2 if i == 0 else dropout), nn.Linear(n_in, n_out),
+                       nn.ReLU(inplace=True)]
+        layers += [nn.BatchNorm1d(sizes[-1]), nn.Dropout(dropout if hidden else dropout / 2),
+                   nn.Linear(sizes[-1], num_classes)]
+        super().__init__(*layers)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    logits = model(x)
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+
+def fit_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: MlpConfig,
+            num_classes: int) -> tuple[MlpHead, dict]:
+    """Trains the head; returns the best-on-val model (eval mode) and its training history."""
+    set_deterministic()
+    gen = seed_everything(cfg.seed)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
+    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
+    model = MlpHead(xt.shape[1], num_classes, cfg.hidden, cfg.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = {"val_loss": float("inf"), "epoch": -1}
+    best_state = copy.deepcopy(model.state_dict())
+    history = []
+    bar = tqdm(range(cfg.epochs), desc="mlp", unit="epoch", disable=progress_disabled())
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for start in range(0, len(xt), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
+                continue
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        val_loss, val_acc = _evaluate(model, xv, yv)
+        history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc})
+        bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch}
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best["epoch"] >= cfg.patience:
+            log.info("mlp: early stop at epoch %d (best epoch %d, val loss %.4f)", epoch, best["epoch"],
+                     best["val_loss"])
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}

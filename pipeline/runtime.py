@@ -1,0 +1,79 @@
+"""Process-level set-up shared by every stage: logging, seeds, determinism, device, and torchrun rank."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank and world size as torchrun sets them; a plain `python -m` run is rank 0 of 1."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One log format for all stages; ranks other than 0 only report warnings."""
+    if dist_info().rank != 0:
+        level = logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds Python, numpy and torch; returns a torch Generator for DataLoader shuffling and worker seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels, TF32 off and no cuDNN autotuning, so reruns give the same bytes on the same machine."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks the local CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_info().local_rank)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")
+    return device
+
+
+def progress_disabled() -> bool:
+    """tqdm bars only on an interactive terminal, so CI logs stay readable."""
+    return not sys.stderr.isatty() or dist_info().rank != 0
