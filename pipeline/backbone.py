@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pipeline.errors import PipelineError
 from pipeline.artifacts import sha256_tensors
 from pipeline.config import BackboneConfig
 
@@ -23,7 +24,7 @@ log = logging.getLogger("pipeline.backbone")
 BUNDLED_ARCH = "tf_efficientnet_lite0"
 
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError, ValueError):
     """Weights that cannot be loaded into the named backbone; the message names both."""
 
 

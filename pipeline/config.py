@@ -14,10 +14,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A params.yaml value that cannot be used; the message names the key and what to write instead."""
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import run_main
 from pipeline.runtime import setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.embedded")
 
 
 def write_digits(out: Path) -> int:
@@ -63,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "embedded")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.errors import run_main
 from pipeline.artifacts import atomic_path, read_json, write_json
 from pipeline.data import ImageDataset, eval_transform
 from pipeline.features import read_split
@@ -90,4 +91,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "evaluate")

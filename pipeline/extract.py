@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.errors import run_main
 from pipeline.artifacts import atomic_path, sha256_file
 from pipeline.backbone import build_backbone, pool_avg_max
 from pipeline.config import BackboneConfig, ExtractConfig, load_section, to_dict
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "extract")

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.errors import run_main
+from pipeline.errors import PipelineError
 from pipeline.artifacts import read_json, write_json
 from pipeline.config import BackboneConfig, FinetuneConfig, load_section, to_dict
 from pipeline.data import ImageDataset, eval_transform, train_transform
@@ -36,7 +38,7 @@ from pipeline.runtime import progress_disabled, resolve_device, seed_everything,
 log = logging.getLogger("pipeline.finetune")
 
 
-class ParityError(RuntimeError):
+class ParityError(PipelineError, RuntimeError):
     """The warm-started network does not reproduce the head it was built from."""
 
 
@@ -191,4 +193,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "finetune")

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import run_main
 from pipeline.artifacts import atomic_path, read_json, write_json
 from pipeline.config import load_section, to_dict
 from pipeline.features import SplitFeatures, read_attrs, read_split
@@ -117,4 +118,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "heads")

@@ -22,6 +22,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import run_main
+from pipeline.errors import PipelineError
 from pipeline.artifacts import atomic_path, sha256_file, write_json
 from pipeline.config import DataConfig, load_section
 from pipeline.runtime import progress_disabled, setup_logging
@@ -33,7 +35,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 INDEX_FIELDS = ("id", "path", "class", "label", "split", "sha256")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(PipelineError, ValueError):
     """The data source cannot be read as an ImageFolder tree; the message says what to fix."""
 
 
@@ -175,4 +177,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "prepare")

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.errors import run_main
 from pipeline.artifacts import read_json, write_json
 from pipeline.runtime import setup_logging
 
@@ -53,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "select")
