@@ -12,12 +12,13 @@ import logging
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.linear_model import LogisticRegression
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import LogregConfig
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.logreg")
 
@@ -52,7 +53,7 @@ def fit_logreg(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
                cfg: LogregConfig, num_classes: int) -> tuple[nn.Linear, dict]:
     """Fits one model per C, keeps the best on val (accuracy, then log loss, then the smaller C)."""
     if len(np.unique(y_train)) != num_classes:
-        raise SystemExit(f"logreg: train has {len(np.unique(y_train))} of {num_classes} classes; every class "
+        raise PipelineError(f"train has {len(np.unique(y_train))} of {num_classes} classes; every class "
                          "needs train images")
     results = []
     for c in cfg.C:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -53,3 +55,76 @@ def copy_hymenoptera_slice(src: Path, dst: Path, per_class: int) -> Path:
             for p in files[:per_class]:
                 shutil.copy2(p, dst / split / cls / p.name)
     return dst
+
+
+def write_params(path: Path, **sections: dict) -> Path:
+    """A params.yaml: the repository's, with the given sections' keys overridden."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        for key, value in values.items():
+            node = params.setdefault(section, {})
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+TINY = dict(
+    data={"val_fraction": 0.25, "test_fraction": 0.25},
+    backbone={"image_size": 32},
+    extract={"workers": 0, "batch_size": 16},
+    heads={"mlp.epochs": 30, "mlp.patience": 5, "mlp.hidden": [32]},
+    finetune={"epochs": 1, "batch_size": 8, "workers": 0},
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> dict[str, Path]:
+    """prepare + extract, through the stages' own entry points, on 3 digit classes x 16 images at 32 px."""
+    from pipeline import extract, prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    digits = write_digit_folder(root / "digits", classes=3, per_class=16)
+    params = write_params(root / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": str(digits)}})
+    prepare.main(["--params", str(params), "--out", str(root / "prepared")])
+    extract.main(["--params", str(params), "--index", str(root / "prepared"), "--out", str(root / "features.h5")])
+    return {"root": root, "params": params, "index": root / "prepared", "features": root / "features.h5"}
+
+
+def dvc_env() -> dict[str, str]:
+    """Environment for DVC subprocesses: this interpreter's bin first (stage commands say `python`), a git identity."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@example.com", DVC_NO_ANALYTICS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=dvc_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_cmd([str(Path(sys.executable).parent / "dvc"), *args], repo, check)
+
+
+def make_dvc_repo(root: Path, **sections: dict) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline, dvc.yaml and params (overridden), committed."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    write_params(root / "params.yaml", **sections)
+    run_cmd(["git", "init", "-q", "-b", "main"], root)
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.autostage", "true")
+    run_cmd(["git", "add", "-A"], root)
+    run_cmd(["git", "commit", "-qm", "pipeline"], root)
+    return root

