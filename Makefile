@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lock clean
+.PHONY: setup repro test check-repro lock clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,15 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# After a fresh clone: rerun the whole pipeline and require the committed dvc.lock, metrics, plots and report
+# to come out byte-identical (same platform), then let `pipeline.verify` print its verdict per artefact.
+check-repro: setup
+	$(BIN)/dvc repro
+	git status --porcelain -- dvc.lock metrics plots report dvclive
+	git diff --exit-code --stat -- dvc.lock metrics plots report dvclive
+	test -z "$$(git status --porcelain -- dvc.lock metrics plots report dvclive)"
+	$(BIN)/python -m pipeline.verify --strict
 
 lock:  # refresh requirements.lock from requirements.in in a clean venv
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet -r requirements.in

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,19 +14,59 @@ from typing import Any, Iterator
 import numpy as np
 
 
+# Read once, at import (single-threaded): os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _temp_prefix(path: Path) -> str:
+    # host and pid in the name: a later writer can tell a dead writer's leftover from a live writer's file,
+    # also on a file system shared between machines
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path | str) -> list[Path]:
+    """Deletes the temporaries of `path` that writers killed on this host left behind; returns them.
+
+    SIGKILL skips every cleanup, so a killed writer's temporary stays beside its target (never *as* the target).
+    """
+    path = Path(path)
+    host_prefix = f".{path.name}.{socket.gethostname()}."
+    removed = []
+    for tmp in path.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
+        pid = tmp.name[len(host_prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it into place only if the block finishes.
 
-    A killed or failing writer therefore never leaves a truncated file where a later stage (or DVC) reads it.
+    A killed or failing writer therefore never leaves a truncated file where a later stage (or DVC) reads it, and
+    the next writer of the same path removes what a killed one left behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give what a plain open() would
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -71,22 +71,38 @@ def _is_torchvision(name: str) -> bool:
     return name in torchvision.models.list_models(module=torchvision.models) and not timm.is_model(name)
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Reads a local weights file for backbone `name` without ever running code from it.
+
+    `.safetensors` files hold tensors only; anything else goes through `torch.load(weights_only=True)`, which refuses
+    pickled objects (a whole pickled model, or a crafted file that would run code when unpickled).
+    """
     if not path.is_file():
         raise WeightsError(f"backbone.weights '{path}' is neither 'bundled', 'hub' nor an existing file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a bad header or truncated data
+            raise WeightsError(f"backbone.weights '{path}' for backbone '{name}' is not a valid safetensors file "
+                               f"({type(exc).__name__}: {exc})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code in it, or not a torch file at all
-        raise WeightsError(f"backbone.weights '{path}' could not be loaded as a state dict "
-                           f"(torch.load weights_only=True refused it: {type(exc).__name__})") from None
+    except Exception as exc:  # a pickle with code or objects in it, or not a torch file at all
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"backbone.weights '{path}' for backbone '{name}' is not a plain state dict: torch.load(weights_only=True) "
+            f"refused it ({type(exc).__name__}: {first_line[:200]}). Pickled models and objects are never "
+            "unpickled here; save `model.state_dict()` with torch.save, or as .safetensors") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"backbone.weights '{path}' is not a state dict of tensors")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        got = type(sd).__name__ if not isinstance(sd, dict) else "a dict that does not map names to tensors"
+        raise WeightsError(f"backbone.weights '{path}' is not a state dict of tensors for backbone '{name}' "
+                           f"(it holds {got}); save `model.state_dict()` instead")
+    if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
@@ -120,10 +136,13 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source:
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
-        detail = (f"missing {len(missing)} tensors (e.g. {missing[:2]})" if missing
+        theirs = [k for k in sd if not k.endswith("num_batches_tracked")]
+        detail = (f"missing {len(missing)} of its {len(own)} tensors (e.g. {missing[:2]}; the file has {len(sd)} "
+                  f"tensors, e.g. {theirs[:2]})" if missing
                   else f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]}: file {tuple(sd[wrong[0]].shape)} "
                        f"vs model {tuple(own[wrong[0]].shape)})")
-        raise WeightsError(f"backbone.weights '{source}' does not fit backbone '{name}': {detail}")
+        raise WeightsError(f"backbone.weights '{source}' does not fit backbone '{name}' (it was saved from another "
+                           f"architecture or variant): {detail}. Set backbone.name to the file's architecture")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
@@ -137,7 +156,7 @@ def _timm_model(cfg: BackboneConfig, num_classes: int, load_weights: bool = True
     if load_weights and cfg.weights == "bundled":
         _load_into(model, bundled_state_dict(), cfg.name, "bundled")
     elif load_weights and cfg.weights != "hub":
-        sd = _load_state_dict_file(Path(cfg.weights))
+        sd = _load_state_dict_file(Path(cfg.weights), cfg.name)
         if num_classes == 0:  # classifier tensors in the file are not part of a headless body
             classifier = model.pretrained_cfg.get("classifier", "")
             sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
@@ -154,12 +173,43 @@ def _torchvision_model(cfg: BackboneConfig, load_weights: bool = True) -> tuple[
     default = torchvision.models.get_model_weights(cfg.name).DEFAULT
     model = torchvision.models.get_model(cfg.name, weights=default if load_weights and cfg.weights == "hub" else None)
     if load_weights and cfg.weights != "hub":
-        _load_into(model, _load_state_dict_file(Path(cfg.weights)), cfg.name, cfg.weights)
-    t = default.transforms()  # preprocessing metadata only; nothing is downloaded
+        _load_into(model, _load_state_dict_file(Path(cfg.weights), cfg.name), cfg.name, cfg.weights)
+    return model, _torchvision_data_cfg(cfg.name)
+
+
+def _torchvision_data_cfg(name: str) -> dict:
+    """A torchvision model's eval preprocessing in timm's data-config terms, from its weights' metadata."""
+    import torchvision
+
+    t = torchvision.models.get_model_weights(name).DEFAULT.transforms()  # metadata only; nothing is downloaded
     interp = t.interpolation.value if hasattr(t.interpolation, "value") else str(t.interpolation)
-    data_cfg = {"input_size": (3, t.crop_size[0], t.crop_size[0]), "crop_pct": t.crop_size[0] / t.resize_size[0],
-                "mean": tuple(t.mean), "std": tuple(t.std), "interpolation": interp}
-    return model, data_cfg
+    return {"input_size": (3, t.crop_size[0], t.crop_size[0]), "crop_pct": t.crop_size[0] / t.resize_size[0],
+            "mean": tuple(t.mean), "std": tuple(t.std), "interpolation": interp}
+
+
+def _preprocess(cfg: BackboneConfig, data_cfg: dict) -> Preprocess:
+    """The eval preprocessing for a data config, with `backbone.image_size` overriding the crop size."""
+    size = cfg.image_size or int(data_cfg["input_size"][-1])
+    crop_pct = float(data_cfg.get("crop_pct") or 1.0)
+    return Preprocess(size=size, resize=int(size / crop_pct), mean=tuple(float(m) for m in data_cfg["mean"]),
+                      std=tuple(float(s) for s in data_cfg["std"]), interpolation=str(data_cfg["interpolation"]))
+
+
+def resolve_preprocess(cfg: BackboneConfig) -> Preprocess:
+    """The preprocessing :func:`build_backbone` gives `cfg`, without loading or hashing any weights.
+
+    Cheap enough for fingerprint checks in stages that never run the backbone: the timm model is built on the
+    `meta` device (no memory, no initialisation), torchvision's comes from its weights' metadata.
+    """
+    if _is_torchvision(cfg.name):
+        return _preprocess(cfg, _torchvision_data_cfg(cfg.name))
+    import timm
+
+    if not timm.is_model(cfg.name):
+        raise WeightsError(f"backbone.name '{cfg.name}' is neither a timm nor a torchvision model name")
+    with torch.device("meta"):
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
+    return _preprocess(cfg, timm.data.resolve_model_data_config(model))
 
 
 def _torchvision_body(model: nn.Module, name: str) -> tuple[nn.Module, int]:
@@ -191,11 +241,7 @@ def build_backbone(cfg: BackboneConfig, load_weights: bool = True) -> tuple[Feat
             raise WeightsError(f"backbone.name '{cfg.name}' is neither a timm nor a torchvision model name")
         model, data_cfg = _timm_model(cfg, num_classes=0, load_weights=load_weights)
         net = FeatureNet(model, model.num_features, timm_model=True)
-    size = cfg.image_size or int(data_cfg["input_size"][-1])
-    crop_pct = float(data_cfg.get("crop_pct") or 1.0)
-    pre = Preprocess(size=size, resize=int(size / crop_pct), mean=tuple(float(m) for m in data_cfg["mean"]),
-                     std=tuple(float(s) for s in data_cfg["std"]), interpolation=str(data_cfg["interpolation"]))
-    return net.eval(), pre, sha256_tensors(net.state_dict())
+    return net.eval(), _preprocess(cfg, data_cfg), sha256_tensors(net.state_dict())
 
 
 def imagenet_classifier(cfg: BackboneConfig) -> nn.Module:

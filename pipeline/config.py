@@ -18,6 +18,10 @@ from pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 
+# PIL's own hard limit (twice its warning threshold Image.MAX_IMAGE_PIXELS): about 13,400 x 13,400 pixels, ~537 MB
+# decoded as RGB. Far above any photo a classifier needs, far below what exhausts a worker's memory.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
 
 class ConfigError(PipelineError, ValueError):
     """A params.yaml value that cannot be used; the message names the key and what to write instead."""
@@ -36,14 +40,25 @@ def _check_range(key: str, value: float, low: float | None = None, high: float |
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from and how they are split when the folder has no train/val/test subfolders."""
+    """Where the images come from, how they are split when the folder has no train/val/test subfolders, and what
+    happens to files that cannot be used.
+
+    `max_image_pixels` (width x height) is the decompression-bomb guard: larger images are skipped by prepare (and
+    refused when loaded later). `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
+    prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
+    """
 
     source: str = "data/digits"
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    on_bad_file: Literal["skip", "error"] = "skip"
 
     def validate(self, prefix: str) -> None:
+        if not self.source.strip():
+            raise ConfigError(f"{prefix}.source is empty; give the path of an ImageFolder root")
+        _check_range(f"{prefix}.max_image_pixels", self.max_image_pixels, 1)
         _check_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -70,17 +85,25 @@ class BackboneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-    """How extraction runs. Only `precision` and `dtype` change the output; the rest is speed."""
+    """How extraction runs. Only `precision`, `dtype` and `decode` change the output; the rest is speed.
+
+    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchvision`
+    (`torchvision.io.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL).
+    `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
+    """
 
     precision: Literal["fp32", "bf16"] = "fp32"
     dtype: Literal["float32", "float16"] = "float32"
+    decode: Literal["pil", "torchvision"] = "pil"
     batch_size: int = 32
     workers: int = 2
+    checkpoint_rows: int = 1024
     device: str = "auto"
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.batch_size", self.batch_size, 1)
         _check_range(f"{prefix}.workers", self.workers, 0)
+        _check_range(f"{prefix}.checkpoint_rows", self.checkpoint_rows, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,22 +156,31 @@ class HeadsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Whole-network fine-tuning warm-started from the selected head (LP-FT).
+    """Whole-network fine-tuning warm-started from the selected head (LP-FT); see pipeline/optim.py for `bn`.
 
-    `bn`: `frozen` (body BatchNorm in eval mode, affine frozen), `eval` (running statistics frozen, affine trained),
-    `train` (statistics updated from each batch).
+    Learning rates: head `lr`, body `body_lr_ratio` x `lr`, and with `layer_decay` < 1 each body layer below the top
+    a further factor `layer_decay` lower. `freeze_epochs`: a first phase training only the head (and BatchNorm under
+    `bn: train`). `patience`: stop after this many epochs without a better val result (0: never).
+    `warm_start: false` starts from a randomly initialised head instead (for comparisons; no parity check).
     """
 
     epochs: int = 3
     lr: float = 1e-3
     body_lr_ratio: float = 0.1
+    layer_decay: float = 1.0
     weight_decay: float = 1e-4
+    schedule: Literal["cosine", "onecycle"] = "cosine"
     warmup_epochs: float = 0.5
+    freeze_epochs: int = 0
+    patience: int = 0
     batch_size: int = 32
     bn: Literal["frozen", "eval", "train"] = "eval"
     hflip: bool = False
     crop_scale: float = 0.7
     clip_grad_norm: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    sync_bn: bool = False
+    warm_start: bool = True
     workers: int = 2
     seed: int = 0
     parity_atol: float = 1e-3
@@ -159,6 +191,9 @@ class FinetuneConfig:
         _check_range(f"{prefix}.epochs", self.epochs, 0)
         _check_range(f"{prefix}.lr", self.lr, 0.0, low_open=True)
         _check_range(f"{prefix}.body_lr_ratio", self.body_lr_ratio, 0.0)
+        _check_range(f"{prefix}.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.freeze_epochs", self.freeze_epochs, 0)
+        _check_range(f"{prefix}.patience", self.patience, 0)
         _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0)
         _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0)
         _check_range(f"{prefix}.batch_size", self.batch_size, 1)
@@ -246,7 +281,13 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the repository root or pass --params")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections")
     for key in raw:
@@ -258,9 +299,14 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
 
 
 def load_section(name: str, path: Path | str = PARAMS_FILE) -> Any:
-    """Returns the typed config of one params.yaml section, defaults filled in."""
+    """Returns the typed config of one params.yaml section, defaults filled in.
+
+    Every section of the file is validated, not just `name`: a typo in `finetune` stops `prepare` at once, instead
+    of surfacing hours later when the stage that reads it finally runs.
+    """
     raw = read_params(path)
-    return build(SECTIONS[name], raw.get(name), name)
+    built = {section: build(cls, raw.get(section), section) for section, cls in SECTIONS.items()}
+    return built[name]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -5,15 +5,22 @@ cached at extraction and the images seen by the fine-tuned network are computed 
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from pipeline.backbone import Preprocess
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.data")
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -22,18 +29,102 @@ _INTERPOLATION = {
 }
 
 
-def load_rgb(path: Path | str) -> Image.Image:
-    """Opens an image as RGB: first frame of animations, EXIF orientation applied, transparency on white."""
-    with Image.open(path) as im:
-        im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        if im.mode == "I;16" or im.mode == "I":
-            im = im.point(lambda v: v / 256).convert("L")
-        return im.convert("RGB")
+class BadImageError(PipelineError, OSError):
+    """An image file that cannot be used: undecodable, truncated, or over `data.max_image_pixels`.
+
+    `reason` is the short text that prepare writes to skipped.csv; the message also names the file.
+    """
+
+    def __init__(self, source: str, reason: str | None = None):
+        # One-argument form: DataLoader re-raises a worker's exception as `type(exc)(message)`; without it the
+        # error would arrive as a bare RuntimeError instead of a PipelineError.
+        super().__init__(source if reason is None else f"{source}: {reason}")
+        self.source = source if reason is not None else ""
+        self.reason = reason if reason is not None else source
+
+
+# The decompression-bomb limit of this process. prepare sets it from data.max_image_pixels, and `read_index` sets it
+# again from the value recorded in classes.json, so extraction and training accept exactly what prepare accepted.
+_max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Sets the pixel limit (width x height) above which :func:`load_rgb` refuses an image."""
+    global _max_pixels
+    _max_pixels = int(limit)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit now in force in this process."""
+    return _max_pixels
+
+
+def _to_8bit_gray(im: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grey images as 8-bit: keeps the top 8 bits of the 16-bit range.
+
+    Pillow's own conversion clips values above 255 (a 16-bit photo would come out nearly all white).
+    """
+    arr = np.asarray(im).astype(np.int64)
+    return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
+def _exif_upright(im: Image.Image, name: str) -> Image.Image:
+    """Applies the EXIF orientation tag, so rotated camera photos come out the way they are viewed."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as exc:  # a corrupt EXIF block must not cost the image; the pixels are still fine
+        log.warning("%s: EXIF orientation ignored (%s: %s)", name, type(exc).__name__, exc)
+        return im
+
+
+def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Opens an image as 8-bit RGB, fully decoded, whatever the file's mode.
+
+    First frame of animations (GIF), EXIF orientation applied, transparency (RGBA, LA, palette with a transparent
+    colour) composited on white, 16-bit grey scaled to 8 bits, CMYK/grey/palette converted. Images of more than
+    `max_pixels` pixels (default: this process's limit, :func:`set_max_image_pixels`) are refused from their header,
+    before any pixel is decoded.
+
+    Raises:
+        BadImageError: the file is not an image PIL can decode (truncated, corrupt, empty, another format) or is
+            over the limit; its `reason` says which.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "<stream>"))
+    limit = _max_pixels if max_pixels is None else int(max_pixels)
+    # PIL's own guard (warning above MAX_IMAGE_PIXELS, error above twice that) would fire before ours with a message
+    # that does not name the param; keep it in step and let the explicit check below decide.
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                width, height = im.size
+                if width * height > limit:
+                    raise BadImageError(name, _too_large(width, height, limit))
+                im.seek(0)
+                im.load()  # decode every pixel here, so a truncated or corrupt file fails as such, not as EXIF
+                im = _exif_upright(im, name)
+                if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(background, rgba).convert("RGB")
+                if im.mode.startswith("I;16") or im.mode == "I":
+                    im = _to_8bit_gray(im)
+                return im.convert("RGB")
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(name, f"image too large: over twice data.max_image_pixels = {limit:,} pixels (a "
+                                  "decompression-bomb guard); raise data.max_image_pixels to accept it") from None
+    except UnidentifiedImageError:
+        raise BadImageError(name, "unreadable image: not in any image format PIL can read") from None
+    except Exception as exc:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, EOFError...)
+        raise BadImageError(name, f"unreadable image: {type(exc).__name__}: {exc}") from None
+
+
+def _too_large(width: int, height: int, limit: int) -> str:
+    return (f"image too large: {width}x{height} = {width * height:,} pixels is over data.max_image_pixels = "
+            f"{limit:,} (a decompression-bomb guard); raise data.max_image_pixels to accept it")
 
 
 def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
@@ -63,12 +154,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, root: Path | str, rows: Sequence[dict], transform: Callable[[Image.Image], torch.Tensor],
-                 seed: int | None = None):
+                 seed: int | None = None, max_pixels: int | None = None):
         self.root = Path(root)
         self.rows = list(rows)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        # Captured now (it travels to spawned DataLoader workers, which do not inherit the process-wide limit).
+        self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
 
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (workers are re-created per epoch and copy the new value)."""
@@ -79,7 +172,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         row = self.rows[i]
-        image = load_rgb(self.root / row["path"])
+        image = load_rgb(self.root / row["path"], self.max_pixels)
         if self.seed is None:
             return self.transform(image), int(row["label"]), int(row["id"])
         # fork_rng: with 0 workers this runs in the training process, whose RNG (dropout) must stay untouched

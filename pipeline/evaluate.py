@@ -1,7 +1,9 @@
-"""Stage `evaluate`: metrics of the selected head and of the fine-tuned model on val (and test when there is one).
+"""Stage `evaluate`: metrics of the selected head and of the fine-tuned model on val (and test when there is one),
+plots, and a report a person reads.
 
-Writes `metrics/evaluate.json` (DVC metrics) and confusion-matrix rows (`actual,predicted` per image, DVC's
-`confusion` plot template) for each model on the test split when there is one, else on val.
+Writes `metrics/evaluate.json` (DVC metrics); for DVC plots, confusion-matrix rows (`actual,predicted` per image) of
+each model on the test split when there is one, else on val, `plots/heads.csv` (val accuracy per head) and
+`plots/misclassified.png` (a few misclassified val images); and `report/report.md` with its figures.
 
     python -m pipeline.evaluate --out metrics/evaluate.json --plots plots
 """
@@ -25,6 +27,10 @@ from pipeline.heads import head_logits, load_head, split_metrics
 from pipeline.network import load_checkpoint
 from pipeline.prepare import read_index
 from pipeline.runtime import resolve_device, setup_logging
+from pipeline import report
+from pipeline.data import load_rgb
+from pipeline.features import read_attrs
+from PIL import ImageOps
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -38,8 +44,8 @@ def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicte
 
 
 def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, finetuned: Path | None,
-             plots: Path) -> dict:
-    """Scores both models on every evaluation split present; writes confusion rows; returns the metrics."""
+             plots: Path, report_dir: Path | None = None) -> dict:
+    """Scores both models on every evaluation split present; writes plots and the report; returns the metrics."""
     rows, meta = read_index(index_dir)
     classes = meta["classes"]
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
@@ -47,12 +53,17 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
     choice = read_json(selected)
     head, spec = load_head(heads_dir / choice["head"])
     result: dict = {"plot_split": plot_split, "best_head": {"name": choice["head"]}}
+    confusions: dict[str, np.ndarray] = {}
+    val_predictions: tuple[str, np.ndarray] | None = None
     for split in splits:
         feats = read_split(features, split)
         logits = head_logits(head, spec, feats)
         result["best_head"][split] = split_metrics(logits, feats.labels)
         if split == plot_split:
             write_confusion(plots / "confusion_head.csv", classes, feats.labels, logits.argmax(1))
+            confusions["head"] = report.confusion_matrix(feats.labels, logits.argmax(1), len(classes))
+        if split == "val":
+            val_predictions = (f"head '{choice['head']}'", logits.argmax(1))
     if finetuned is not None:
         net, pre, _ = load_checkpoint(finetuned)
         device = resolve_device("auto")
@@ -66,7 +77,47 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
             result["finetune"][split] = split_metrics(logits, labels)
             if split == plot_split:
                 write_confusion(plots / "confusion_finetune.csv", classes, labels, logits.argmax(1))
+                confusions["finetune"] = report.confusion_matrix(labels, logits.argmax(1), len(classes))
+            if split == "val":
+                val_predictions = ("fine-tuned model", logits.argmax(1))
+    write_heads_csv(plots / "heads.csv", choice["ranking"])
+    val_rows = [r for r in rows if r["split"] == "val"]
+    _plot_misclassified(plots / "misclassified.png", meta, val_rows, *val_predictions)
+    if report_dir is not None:
+        figures = {"heads": "heads.png", "misclassified": "../plots/misclassified.png"}
+        report.plot_heads(report_dir / "heads.png", choice["ranking"])
+        for model, matrix in confusions.items():
+            figures[f"confusion_{model}"] = f"confusion_{model}.png"
+            report.plot_confusion(report_dir / f"confusion_{model}.png", matrix, classes,
+                                  f"{'best head' if model == 'head' else 'fine-tuned'} on {plot_split}")
+        info = None
+        if finetuned is not None:
+            info = read_json(finetuned / "model.json")
+            figures["curves"] = "curves.png"
+            report.plot_curves(report_dir / "curves.png", info["history"])
+        report.write_markdown(report_dir / "report.md", meta=meta, attrs=read_attrs(features), selected=choice,
+                              result=result, finetune_info=info, figures=figures)
     return result
+
+
+def write_heads_csv(path: Path, ranking: list[dict]) -> None:
+    """Val accuracy per head, for DVC's bar plot."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("head", "val_accuracy"))
+        w.writerows((r["head"], f"{r['val_accuracy']:.6f}") for r in ranking)
+
+
+def _plot_misclassified(path: Path, meta: dict, val_rows: list[dict], model: str, predicted: np.ndarray,
+                        limit: int = 8) -> None:
+    """The first `limit` misclassified val images (index order), titled with the true and predicted class."""
+    classes = meta["classes"]
+    wrong = [(r, int(p)) for r, p in zip(val_rows, predicted) if int(r["label"]) != int(p)][:limit]
+    images = [np.asarray(ImageOps.fit(load_rgb(Path(meta["source"]) / r["path"]), (128, 128))) for r, _ in wrong]
+    titles = [f"{Path(r['path']).name}\ntrue {r['class']} -> {classes[p]}" for r, p in wrong]
+    n_wrong = int(sum(int(r["label"]) != int(p) for r, p in zip(val_rows, predicted)))
+    report.plot_misclassified(path, images, titles, f"{model}: {n_wrong} of {len(val_rows)} val images wrong"
+                              + (f", first {len(wrong)} shown" if wrong else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,11 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetuned", type=Path, default=Path("models/finetune"),
                         help="fine-tuned checkpoint folder; 'none' to score the head alone")
     parser.add_argument("--out", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON to write")
-    parser.add_argument("--plots", type=Path, default=Path("plots"), help="folder for confusion-matrix CSVs")
+    parser.add_argument("--plots", type=Path, default=Path("plots"),
+                        help="folder for the DVC plots (confusion CSVs, heads.csv, misclassified.png)")
+    parser.add_argument("--report", type=Path, default=Path("report"),
+                        help="folder for report.md and its figures (default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
     finetuned = None if str(args.finetuned) == "none" else args.finetuned
-    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots)
+    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots, args.report)
     write_json(args.out, result)
     for model in ("best_head", "finetune"):
         if model in result:

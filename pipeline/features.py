@@ -12,14 +12,63 @@ fine-tuned network use the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 POOLINGS = ("avg", "catavgmax")
+# What each checked attribute follows in params.yaml, for messages that say what to look at.
+_SOURCE_OF = {"backbone": "backbone.name", "weights": "backbone.weights",
+              "preprocess": "backbone.name / backbone.image_size", "precision": "extract.precision",
+              "dtype": "extract.dtype", "decode": "extract.decode", "index_sha256": "the dataset index (index.csv)"}
+RERUN = "run `dvc repro` (or `python -m pipeline.extract`) to extract them again"
+
+
+class FeaturesFileError(PipelineError, OSError):
+    """The features file is missing, unreadable or locked; the message says what to do."""
+
+
+class StaleFeaturesError(PipelineError, ValueError):
+    """The features file was made with other settings than the current params (or another index)."""
+
+
+def _is_lock_error(exc: OSError) -> bool:
+    # HDF5 reports flock() failures as "unable to lock file, errno = 11 (EAGAIN) / 37 (ENOLCK) / 38 (ENOSYS)";
+    # whole words only, since other messages mention e.g. "sblock->base_addr"
+    return re.search(r"\block(ing|ed)?\b", str(exc), flags=re.IGNORECASE) is not None
+
+
+@contextlib.contextmanager
+def open_features(path: Path | str, mode: str = "r") -> Iterator[h5py.File]:
+    """Opens the HDF5 features file, turning the usual failures into one actionable message.
+
+    Raises:
+        FeaturesFileError: missing file, not an HDF5 file (e.g. left half-written by an old run), or a lock that
+            cannot be taken: held by a writer, or not supported by a network file system (then the message names
+            HDF5_USE_FILE_LOCKING=FALSE).
+    """
+    path = Path(path)
+    try:
+        f = h5py.File(path, mode)
+    except FileNotFoundError:
+        raise FeaturesFileError(f"features file '{path}' not found; {RERUN.replace('again', 'first')}") from None
+    except OSError as exc:
+        if _is_lock_error(exc):
+            raise FeaturesFileError(
+                f"cannot lock HDF5 file '{path}' ({exc}). Another process may be writing it (wait for it to "
+                "finish), or the file system (NFS, SMB, some FUSE mounts) does not support HDF5's file locking: "
+                "there, set HDF5_USE_FILE_LOCKING=FALSE in the environment and run again") from None
+        raise FeaturesFileError(f"'{path}' cannot be read as an HDF5 features file ({exc}); {RERUN}") from None
+    with f:
+        yield f
 
 
 @dataclass
@@ -40,7 +89,7 @@ class SplitFeatures:
 
 def read_attrs(path: Path | str) -> dict:
     """The fingerprint attributes of a features file, JSON strings decoded."""
-    with h5py.File(path, "r") as f:
+    with open_features(path) as f:
         return {k: _decode(v) for k, v in f.attrs.items()}
 
 
@@ -56,7 +105,7 @@ def _decode(value):
 
 def read_split(path: Path | str, split: str) -> SplitFeatures | None:
     """Loads one split into memory, or None when the file has no such split."""
-    with h5py.File(path, "r") as f:
+    with open_features(path) as f:
         if split not in f:
             return None
         g = f[split]
@@ -64,5 +113,54 @@ def read_split(path: Path | str, split: str) -> SplitFeatures | None:
 
 
 def splits_in(path: Path | str) -> list[str]:
-    with h5py.File(path, "r") as f:
+    with open_features(path) as f:
         return [s for s in ("train", "val", "test") if s in f]
+
+
+def canonical_json(value: Any) -> str:
+    """Compares JSON-like values by content (tuples and lists alike, key order ignored)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None) -> dict[str, Any]:
+    """The fingerprint attributes that extraction with these params would write (weights hash aside).
+
+    Cheap: no weights are loaded (the preprocessing is resolved from the architecture's config). The index hash is
+    included only when `index_dir` holds an index.csv.
+    """
+    from pipeline.artifacts import sha256_file
+    from pipeline.backbone import resolve_preprocess
+
+    expected: dict[str, Any] = {"backbone": backbone.name, "weights": backbone.weights,
+                                "precision": extract.precision, "dtype": extract.dtype}
+    if getattr(extract, "decode", None) is not None:  # decode path: PIL or torchvision JPEG, not bitwise the same
+        expected["decode"] = extract.decode
+    expected["preprocess"] = resolve_preprocess(backbone).to_dict()
+    if index_dir is not None and (Path(index_dir) / "index.csv").is_file():
+        expected["index_sha256"] = sha256_file(Path(index_dir) / "index.csv")
+    return expected
+
+
+def check_fingerprint(path: Path | str, attrs: dict, expected: dict) -> None:
+    """Raises StaleFeaturesError naming the first attribute whose recorded value differs from `expected`."""
+    for key, want in expected.items():
+        have = attrs.get(key)
+        if canonical_json(have) != canonical_json(want):
+            detail = ""
+            if isinstance(have, dict) and isinstance(want, dict):
+                diff = sorted(k for k in set(have) | set(want)
+                              if canonical_json(have.get(k)) != canonical_json(want.get(k)))
+                detail = " (" + ", ".join(f"{k}: {have.get(k)!r} vs {want.get(k)!r}" for k in diff) + ")"
+            raise StaleFeaturesError(
+                f"{path} is stale: its attribute '{key}' is {have!r}, but {_SOURCE_OF.get(key, key)} now gives "
+                f"{want!r}{detail}. The features were extracted with other settings; {RERUN}")
+
+
+def verify_features(path: Path | str, backbone, extract, index_dir: Path | str | None = None) -> dict:
+    """Checks the features file against the current params (and index); returns its attributes.
+
+    `backbone` and `extract` are the params' BackboneConfig and ExtractConfig.
+    """
+    attrs = read_attrs(path)
+    check_fingerprint(path, attrs, expected_fingerprint(backbone, extract, index_dir))
+    return attrs

@@ -3,17 +3,18 @@
 Before any step it checks on val that backbone + head reproduce the head's own predictions from the cached features
 (logits within `finetune.parity_atol`, argmax flips at most `finetune.parity_max_flips`), and stops loudly otherwise:
 a mismatch means the features, the preprocessing or the head conversion are not what the head was fitted on.
-Training: AdamW with discriminative learning rates (body at `body_lr_ratio` x the head's), linear warm-up then cosine
-decay, gradient clipping, a BatchNorm policy, light augmentation, and the best-on-val checkpoint. The warm start
-itself is epoch 0, so the saved model is never worse on val than the head it started from.
+Training (pipeline/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
+policy, an optional head-first phase, light augmentation, gradient clipping, bf16 autocast on request, early stopping
+and the best-on-val checkpoint. The warm start itself is epoch 0, so the saved model is never worse on val than the
+head it started from. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
 
-    python -m pipeline.finetune --params params.yaml
+    python -m pipeline.finetune                                   # one process (GPU if there is one)
+    torchrun --nproc_per_node=4 -m pipeline.finetune              # DDP on 4 GPUs; rank 0 alone logs and saves
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,17 +22,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.errors import run_main
-from pipeline.errors import PipelineError
 from pipeline.artifacts import read_json, write_json
 from pipeline.config import BackboneConfig, FinetuneConfig, load_section, to_dict
 from pipeline.data import ImageDataset, eval_transform, train_transform
-from pipeline.features import read_split
-from pipeline.heads import head_logits, load_head, split_metrics
+from pipeline.distributed import all_reduce_sum, distributed
+from pipeline.errors import PipelineError, run_main
+from pipeline.features import read_split, verify_features
+from pipeline.heads import build_head, check_head_features, head_logits, load_head, split_metrics
 from pipeline.network import TransferNet, save_checkpoint, warm_started
+from pipeline.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
 from pipeline.prepare import read_index
 from pipeline.runtime import progress_disabled, resolve_device, seed_everything, set_deterministic, setup_logging
 
@@ -47,7 +50,7 @@ def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, des
     net.eval()
     out = []
     for images, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=progress_disabled()):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         out.append(net(images).float().cpu())
     return torch.cat(out).numpy()  # one concatenation at the end, not one per batch
 
@@ -66,50 +69,50 @@ def check_parity(net_logits: np.ndarray, head_logits_: np.ndarray, atol: float, 
     return report
 
 
-def _apply_bn_policy(body: nn.Module, policy: str) -> None:
-    """`frozen`/`eval`: body BatchNorm keeps its running statistics; `frozen` also stops training its affine."""
-    for m in body.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if policy in ("frozen", "eval"):
-                m.eval()
-            if policy == "frozen":
-                for p in m.parameters():
-                    p.requires_grad_(False)
+def _live(live_dir: Path | None, is_main: bool):
+    """DVCLive logger on rank 0 (None elsewhere): no timestamps and no dvc.yaml edits, so runs stay reproducible."""
+    if live_dir is None or not is_main:
+        return None
+    from dvclive import Live
 
-
-def _schedule(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
-             start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device) -> tuple[dict, list[dict], dict]:
+             start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
+             ddp: bool = False) -> tuple[dict, list[dict], dict]:
     """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record."""
-    body_params = [p for p in net.body.parameters()]
-    head_params = list(net.head.parameters())
-    opt = torch.optim.AdamW([{"params": head_params, "lr": cfg.lr},
-                             {"params": body_params, "lr": cfg.lr * cfg.body_lr_ratio}],
-                            weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * len(train_loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, int(cfg.warmup_epochs * len(train_loader))))
+    set_trainable(net, cfg, cfg.freeze_epochs + 1)  # DDP must see every parameter that trains in any phase
+    opt = make_optimizer(net, cfg)
+    sched = make_scheduler(opt, cfg, len(train_loader))
+    model: nn.Module = net
+    if ddp:
+        model = DistributedDataParallel(net, find_unused_parameters=cfg.freeze_epochs > 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     start = split_metrics(start_logits, val_labels)
     best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    history = [{"epoch": 0, "train_loss": None, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}]
+    history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": start["accuracy"],
+                "val_loss": start["loss"]}]
+    if live is not None:
+        live.log_metric("val/accuracy", start["accuracy"])
+        live.log_metric("val/loss", start["loss"])
+        live.next_step()
     for epoch in range(1, cfg.epochs + 1):
         train_loader.dataset.set_epoch(epoch)
-        net.train()
-        _apply_bn_policy(net.body, cfg.bn)
-        total, seen = 0.0, 0
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        set_trainable(net, cfg, epoch)
+        model.train()
+        apply_bn_mode(net.body, cfg.bn)
+        total, correct, seen = 0.0, 0.0, 0.0
         for images, labels, _ in tqdm(train_loader, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch",
                                       disable=progress_disabled()):
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device)
-            loss = F.cross_entropy(net(images), labels)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad_norm > 0:
@@ -117,66 +120,100 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
             opt.step()
             sched.step()
             total += loss.item() * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
+        total, correct, seen = all_reduce_sum([total, correct, seen], device)
         val = split_metrics(predict_logits(net, val_loader, device, "val"), val_labels)
-        history.append({"epoch": epoch, "train_loss": total / seen, "val_accuracy": val["accuracy"],
-                        "val_loss": val["loss"]})
-        log.info("finetune: epoch %d/%d train loss %.4f, val accuracy %.4f, val loss %.4f", epoch, cfg.epochs,
-                 total / seen, val["accuracy"], val["loss"])
+        record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen,
+                  "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
+        history.append(record)
+        if live is not None:
+            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+                live.log_metric(key.replace("_", "/", 1), record[key])
+            live.next_step()
+        log.info("finetune: epoch %d/%d train loss %.4f acc %.4f, val loss %.4f acc %.4f", epoch, cfg.epochs,
+                 record["train_loss"], record["train_accuracy"], val["loss"], val["accuracy"])
         if (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"]):
             best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            log.info("finetune: early stop after epoch %d (best epoch %d)", epoch, best["epoch"])
+            break
     return best_state, history, best
 
 
 def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected: Path, out: Path,
-        metrics_path: Path) -> dict:
+        metrics_path: Path, live_dir: Path | None = None) -> dict:
     """The stage: warm start, parity check, training, checkpoint and metrics; returns the metrics."""
     cfg: FinetuneConfig = load_section("finetune", params)
     backbone: BackboneConfig = load_section("backbone", params)
+    # Refuse stale inputs before any work: features made with other params or another index, or a head fitted on
+    # other features, would train (and be compared in the parity check) against the wrong thing.
+    attrs = verify_features(features, backbone, load_section("extract", params), index_dir)
     set_deterministic()
-    gen = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    choice = read_json(selected)
-    head, spec = load_head(heads_dir / choice["head"])
-    net, pre = warm_started(backbone, head, spec)
-    net = net.to(device, memory_format=torch.channels_last)
-    rows, meta = read_index(index_dir)
-    root = Path(meta["source"])
-    train_rows = [r for r in rows if r["split"] == "train"]
-    val_rows = [r for r in rows if r["split"] == "val"]
-    loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(ImageDataset(root, val_rows, eval_transform(pre)), shuffle=False, **loader_args)
-    train_set = ImageDataset(root, train_rows, train_transform(pre, cfg.crop_scale, cfg.hflip), seed=cfg.seed)
-    train_loader = DataLoader(train_set,
-                              shuffle=True, drop_last=len(train_rows) > cfg.batch_size, generator=gen, **loader_args)
-
-    val_feats = read_split(features, "val")
-    t0 = time.perf_counter()
-    start_logits = predict_logits(net, val_loader, device, "parity")
-    parity = check_parity(start_logits, head_logits(head, spec, val_feats), cfg.parity_atol, cfg.parity_max_flips)
-    log.info("finetune: warm start reproduces %s on val (max |logit diff| %.2e, %.2f%% argmax flips)",
-             choice["head"], parity["max_abs_logit_diff"], 100 * parity["argmax_flip_fraction"])
-    val_labels = np.array([int(r["label"]) for r in val_rows])
-    best_state, history, best = finetune(net, train_loader, val_loader, val_labels, start_logits, cfg, device)
-    net.load_state_dict(best_state)
-    seconds = time.perf_counter() - t0
-    save_checkpoint(out, net.cpu(), backbone, spec, pre,
-                    {"finetune": to_dict(cfg), "warm_start": choice["head"], "best_epoch": best["epoch"],
-                     "history": history, "parity": parity})
-    metrics = {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],
-               "warm_start_val": {"accuracy": history[0]["val_accuracy"], "loss": history[0]["val_loss"]}}
-    write_json(metrics_path, metrics)
-    log.info("finetune: best epoch %d, val accuracy %.4f (warm start %.4f), %.1f s", best["epoch"],
-             best["val_accuracy"], history[0]["val_accuracy"], seconds)
+    with distributed(device) as rank:
+        gen = seed_everything(cfg.seed)
+        choice = read_json(selected)
+        head, spec = load_head(heads_dir / choice["head"])
+        check_head_features(heads_dir / choice["head"], spec, attrs, features)
+        net, pre = warm_started(backbone, head, spec)
+        if not cfg.warm_start:  # the LP-FT comparison: same budget and seed, randomly initialised head
+            torch.manual_seed(cfg.seed)
+            net.head = build_head(spec)
+        if cfg.sync_bn and rank.world_size > 1 and device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = net.to(device, memory_format=torch.channels_last)
+        rows, meta = read_index(index_dir)
+        root = Path(meta["source"])
+        train_rows = [r for r in rows if r["split"] == "train"]
+        val_rows = [r for r in rows if r["split"] == "val"]
+        loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        val_loader = DataLoader(ImageDataset(root, val_rows, eval_transform(pre)), shuffle=False, **loader_args)
+        train_set = ImageDataset(root, train_rows, train_transform(pre, cfg.crop_scale, cfg.hflip), seed=cfg.seed)
+        drop_last = len(train_rows) > cfg.batch_size * rank.world_size
+        sampler = (DistributedSampler(train_set, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed,
+                                      drop_last=drop_last) if rank.world_size > 1 else None)
+        train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
+                                  generator=gen, **loader_args)
+        t0 = time.perf_counter()
+        start_logits = predict_logits(net, val_loader, device, "parity")
+        parity = None
+        if cfg.warm_start:
+            val_feats = read_split(features, "val")
+            parity = check_parity(start_logits, head_logits(head, spec, val_feats), cfg.parity_atol,
+                                  cfg.parity_max_flips)
+            log.info("finetune: warm start reproduces %s on val (max |logit diff| %.2e, %.2f%% argmax flips)",
+                     choice["head"], parity["max_abs_logit_diff"], 100 * parity["argmax_flip_fraction"])
+        val_labels = np.array([int(r["label"]) for r in val_rows])
+        live = _live(live_dir, rank.is_main)
+        best_state, history, best = finetune(net, train_loader, val_loader, val_labels, start_logits, cfg, device,
+                                             live, ddp=rank.world_size > 1)
+        if live is not None:
+            live.end()
+        metrics = {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],
+                   "start_val": {"accuracy": history[0]["val_accuracy"], "loss": history[0]["val_loss"]},
+                   "warm_start": cfg.warm_start}
+        if rank.is_main:
+            net.load_state_dict(best_state)
+            save_checkpoint(out, net.cpu(), backbone, spec, pre,
+                            {"finetune": to_dict(cfg), "warm_start": choice["head"] if cfg.warm_start else None,
+                             "best_epoch": best["epoch"], "history": history, "parity": parity,
+                             "world_size": rank.world_size})
+            write_json(metrics_path, metrics)
+            log.info("finetune: best epoch %d, val accuracy %.4f (start %.4f), %.1f s", best["epoch"],
+                     best["val_accuracy"], history[0]["val_accuracy"], time.perf_counter() - t0)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.finetune", description=__doc__.split("\n\n")[0],
-        epilog="Params: finetune.* (epochs, lr, body_lr_ratio, weight_decay, warmup_epochs, batch_size, bn, hflip, "
-               "crop_scale, clip_grad_norm, workers, seed, parity_atol, parity_max_flips, device); backbone.*.")
+        epilog="Params (section finetune): epochs, lr, body_lr_ratio, layer_decay, weight_decay, schedule, "
+               "warmup_epochs, freeze_epochs, patience, batch_size, bn, hflip, crop_scale, clip_grad_norm, precision, "
+               "sync_bn, warm_start, seed, parity_atol, parity_max_flips (change the result); workers, device "
+               "(speed only); and backbone.*. Outputs: the checkpoint folder (model.safetensors + model.json), the "
+               "metrics JSON, and DVCLive curves.")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
     parser.add_argument("--index", type=Path, default=Path("data/prepared"), help="prepare's output folder")
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"), help="extract's features file")
@@ -184,12 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--selected", type=Path, default=Path("models/selected.json"), help="select's choice")
     parser.add_argument("--out", type=Path, default=Path("models/finetune"), help="checkpoint folder to write")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/finetune.json"), help="metrics JSON to write")
+    parser.add_argument("--live", type=Path, default=Path("dvclive/finetune"),
+                        help="DVCLive folder for per-epoch curves; 'none' to disable (default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        run(args.params, args.index, args.features, args.heads_dir, args.selected, args.out, args.metrics)
-    except ParityError as exc:
-        raise SystemExit(f"finetune: {exc}") from None
+    live = None if str(args.live) == "none" else args.live
+    run(args.params, args.index, args.features, args.heads_dir, args.selected, args.out, args.metrics, live)
 
 
 if __name__ == "__main__":

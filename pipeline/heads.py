@@ -20,10 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import run_main
+from pipeline.errors import PipelineError, run_main
 from pipeline.artifacts import atomic_path, read_json, write_json
 from pipeline.config import load_section, to_dict
-from pipeline.features import SplitFeatures, read_attrs, read_split
+from pipeline.features import (SplitFeatures, StaleFeaturesError, canonical_json, read_attrs, read_split,
+                               verify_features)
 from pipeline.logreg import fit_logreg
 from pipeline.mlp import MlpHead, fit_mlp
 from pipeline.runtime import setup_logging
@@ -31,7 +32,8 @@ from pipeline.runtime import setup_logging
 log = logging.getLogger("pipeline.heads")
 
 HEADS = ("logreg", "mlp")
-FINGERPRINT_KEYS = ("backbone", "weights_sha256", "preprocess", "precision", "dtype", "index_sha256")
+FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "precision", "dtype", "decode",
+                    "index_sha256")
 
 
 def build_head(spec: dict) -> nn.Module:
@@ -51,13 +53,40 @@ def save_head(out: Path, module: nn.Module, spec: dict) -> None:
     write_json(out / "head.json", spec)
 
 
+class HeadFileError(PipelineError, ValueError):
+    """A saved head that is missing or cannot be read back (safetensors only: no pickle is ever loaded)."""
+
+
 def load_head(head_dir: Path | str) -> tuple[nn.Module, dict]:
-    """Loads a saved head (eval mode) and its spec."""
+    """Loads a saved head (eval mode) and its spec.
+
+    Raises:
+        HeadFileError: head.json or head.safetensors is missing, or is not what the heads stage writes (a pickle or
+            any other file put in its place is refused, never unpickled).
+    """
     head_dir = Path(head_dir)
-    spec = read_json(head_dir / "head.json")
-    module = build_head(spec)
-    module.load_state_dict(load_file(str(head_dir / "head.safetensors")))
+    rerun = f"rerun `dvc repro` (or `python -m pipeline.heads {head_dir.name}`)"
+    if not (head_dir / "head.json").is_file() or not (head_dir / "head.safetensors").is_file():
+        raise HeadFileError(f"no fitted head in '{head_dir}' (head.json + head.safetensors); {rerun}")
+    try:
+        spec = read_json(head_dir / "head.json")
+        module = build_head(spec)
+        state = load_file(str(head_dir / "head.safetensors"))
+        module.load_state_dict(state)
+    except Exception as exc:  # safetensors, JSON and load_state_dict each raise their own types for a bad file
+        raise HeadFileError(f"'{head_dir}' does not hold a head the heads stage wrote ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); {rerun}") from None
     return module.eval(), spec
+
+
+def check_head_features(head_dir: Path | str, spec: dict, attrs: dict, features: Path | str) -> None:
+    """Raises StaleFeaturesError when the head was fitted on other features than the file `features` holds."""
+    for key in FINGERPRINT_KEYS:
+        fitted_on, now = spec.get("features", {}).get(key), attrs.get(key)
+        if canonical_json(fitted_on) != canonical_json(now):
+            raise StaleFeaturesError(
+                f"head '{head_dir}' was fitted on features with '{key}' = {fitted_on!r}, but {features} has "
+                f"{now!r}; the head is stale: run `dvc repro` to refit it on the current features")
 
 
 @torch.no_grad()
@@ -76,11 +105,13 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
     attrs = read_attrs(features)
     train, val = read_split(features, "train"), read_split(features, "val")
     if train is None or val is None:
-        raise SystemExit(f"heads: {features} needs train and val splits; it has "
-                         f"{[s for s in ('train', 'val', 'test') if read_split(features, s) is not None]}")
+        raise PipelineError(f"{features} needs train and val splits; it has "
+                            f"{[s for s in ('train', 'val', 'test') if read_split(features, s) is not None]}")
     classes = attrs["classes"]
     pooling = cfg.pooling if name == "logreg" else "catavgmax"
     x_train, x_val = train.inputs(pooling), val.inputs(pooling)
+    log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling)", name, len(x_train),
+             len(x_val), x_train.shape[1], pooling)
     t0 = time.perf_counter()
     if name == "logreg":
         module, info = fit_logreg(x_train, train.labels, x_val, val.labels, cfg, len(classes))
@@ -88,7 +119,7 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
         module, info = fit_mlp(x_train, train.labels, x_val, val.labels, cfg, len(classes))
     spec = {"head": name, "pooling": pooling, "in_features": int(x_train.shape[1]), "num_classes": len(classes),
             "classes": classes, "config": to_dict(cfg), "fit": info,
-            "features": {k: attrs[k] for k in FINGERPRINT_KEYS}}
+            "features": {k: attrs.get(k) for k in FINGERPRINT_KEYS}}
     if name == "mlp":
         spec.update(hidden=list(cfg.hidden), dropout=cfg.dropout)
     metrics = {"train": split_metrics(head_logits(module, spec, train), train.labels),
@@ -109,9 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"), help="features file from extract")
     parser.add_argument("--out", type=Path, help="head folder (default: models/heads/<head>)")
     parser.add_argument("--metrics", type=Path, help="metrics JSON (default: metrics/heads/<head>.json)")
+    parser.add_argument("--index", type=Path, default=Path("data/prepared"),
+                        help="prepare's output folder; when it exists, the features must come from its index.csv "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = getattr(load_section("heads", args.params), args.head)
+    # Refuse stale features (another backbone, preprocessing, precision, dtype or index) before fitting anything.
+    verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
+                    args.index if (args.index / "index.csv").is_file() else None)
     module, spec, metrics = fit_head(args.head, args.features, cfg)
     save_head(args.out or Path("models/heads") / args.head, module, spec)
     write_json(args.metrics or Path("metrics/heads") / f"{args.head}.json", metrics)

@@ -13,7 +13,9 @@ import torch.nn as nn
 from pipeline.artifacts import read_json, write_json
 from pipeline.config import load_section
 from pipeline.errors import PipelineError
-from pipeline.finetune import ParityError, _apply_bn_policy, _schedule, check_parity, run
+from pipeline.config import FinetuneConfig
+from pipeline.finetune import ParityError, check_parity, run
+from pipeline.optim import apply_bn_mode, lr_factor, make_optimizer, set_trainable
 from pipeline.heads import fit_head, save_head
 from pipeline.network import load_checkpoint
 from pipeline.select import select_head
@@ -29,6 +31,15 @@ def fitted(tiny_cache, tmp_path_factory) -> dict[str, Path]:
         module, spec, metrics[name] = fit_head(name, tiny_cache["features"], getattr(heads, name))
         save_head(out / name, module, spec)
     return {**tiny_cache, "heads": out, "metrics": metrics}
+
+
+def _override(src: Path, dst: Path, **finetune) -> Path:
+    import yaml
+
+    params = yaml.safe_load(src.read_text())
+    params["finetune"].update(finetune)
+    dst.write_text(yaml.safe_dump(params))
+    return dst
 
 
 def _select(fitted, tmp_path: Path, head: str) -> Path:
@@ -49,27 +60,67 @@ def test_check_parity_tolerances():
 
 
 def test_schedule_warmup_then_cosine():
-    f = _schedule(total_steps=10, warmup_steps=2)
-    assert [f(0), f(1)] == [0.5, 1.0]
-    assert f(2) == pytest.approx(1.0) and f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+    f = [lr_factor(s, total_steps=10, warmup_steps=2) for s in range(11)]
+    assert f[:2] == [0.5, 1.0]
+    assert f[2] == pytest.approx(1.0) and f[6] == pytest.approx(0.5) and f[10] == pytest.approx(0.0)
+    one = [lr_factor(s, 100, 0, "onecycle") for s in range(101)]
+    assert one[0] == pytest.approx(0.04) and max(one) == pytest.approx(1.0, abs=1e-3) and one[-1] == pytest.approx(0)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _one_step(policy: str, freeze_epochs: int, epoch: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    net = _Net()
+    cfg = FinetuneConfig(bn=policy, freeze_epochs=freeze_epochs, lr=0.1, body_lr_ratio=1.0, weight_decay=0.0)
+    before = copy.deepcopy(net.state_dict())
+    set_trainable(net, cfg, freeze_epochs + 1)
+    opt = make_optimizer(net, cfg)
+    set_trainable(net, cfg, epoch)
+    net.train()
+    apply_bn_mode(net.body, policy)
+    net(torch.randn(8, 3, 6, 6)).square().mean().backward()
+    opt.step()
+    return before, net.state_dict()
 
 
 @pytest.mark.parametrize("policy", ["frozen", "eval", "train"])
 def test_bn_policy(policy):
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    before = copy.deepcopy(body.state_dict())
-    body.train()
-    _apply_bn_policy(body, policy)
-    opt = torch.optim.SGD([p for p in body.parameters() if p.requires_grad], lr=0.1)
-    body(torch.randn(8, 3, 6, 6)).square().mean().backward()
-    opt.step()
-    after = body.state_dict()
-    stats_same = torch.equal(before["1.running_mean"], after["1.running_mean"])
-    affine_same = torch.equal(before["1.weight"], after["1.weight"])
-    assert stats_same == (policy in ("frozen", "eval"))
-    assert affine_same == (policy == "frozen")
-    assert not torch.equal(before["0.weight"], after["0.weight"])  # the convolution always trains
+    before, after = _one_step(policy, freeze_epochs=0, epoch=1)
+    same = {k: torch.equal(before[k], after[k]) for k in before}
+    assert same["body.1.running_mean"] == (policy in ("frozen", "eval"))  # statistics kept unless `train`
+    assert same["body.1.weight"] == (policy == "frozen")  # affine frozen only under `frozen`
+    assert not same["body.0.weight"] and not same["head.weight"]  # convolutions and head always train
+
+
+@pytest.mark.parametrize("policy", ["frozen", "eval", "train"])
+def test_head_first_phase(policy):
+    before, after = _one_step(policy, freeze_epochs=1, epoch=1)
+    same = {k: torch.equal(before[k], after[k]) for k in before}
+    assert same["body.0.weight"] and same["body.3.weight"]  # the body is frozen in the first phase
+    assert same["body.1.weight"] == (policy != "train")  # ... except BatchNorm under `train`
+    assert not same["head.weight"]
+    _, later = _one_step(policy, freeze_epochs=1, epoch=2)
+    assert not torch.equal(before["body.0.weight"], later["body.0.weight"])  # unfrozen afterwards
+
+
+def test_discriminative_learning_rates():
+    net = _Net()
+    opt = make_optimizer(net, FinetuneConfig(lr=1e-2, body_lr_ratio=0.1, layer_decay=0.5))
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] == pytest.approx(1e-2)  # head
+    assert max(lrs[1:]) == pytest.approx(1e-3)  # top of the body at ratio x lr
+    assert min(lrs[1:]) == pytest.approx(1e-3 * 0.5 ** 2)  # the stem conv: 2 layers (bn, conv) below the top
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
 
 
 @pytest.mark.parametrize("head", ["logreg", "mlp"])
@@ -78,9 +129,9 @@ def test_warm_start_reproduces_head_then_never_loses_to_it(fitted, tmp_path, hea
     metrics = run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
                   tmp_path / "model", tmp_path / "finetune.json")
     # epoch 0 is the warm start: the head's own val accuracy (LP-FT starts there, not from chance)
-    assert metrics["warm_start_val"]["accuracy"] == pytest.approx(fitted["metrics"][head]["val"]["accuracy"])
-    assert metrics["warm_start_val"]["loss"] == pytest.approx(fitted["metrics"][head]["val"]["loss"], abs=1e-4)
-    assert metrics["val"]["accuracy"] >= metrics["warm_start_val"]["accuracy"]
+    assert metrics["start_val"]["accuracy"] == pytest.approx(fitted["metrics"][head]["val"]["accuracy"])
+    assert metrics["start_val"]["loss"] == pytest.approx(fitted["metrics"][head]["val"]["loss"], abs=1e-4)
+    assert metrics["val"]["accuracy"] >= metrics["start_val"]["accuracy"]
     info = read_json(tmp_path / "model" / "model.json")
     assert info["parity"]["max_abs_logit_diff"] <= info["finetune"]["parity_atol"]
     net, pre, meta = load_checkpoint(tmp_path / "model")
@@ -97,3 +148,29 @@ def test_parity_failure_stops_before_training(fitted, tmp_path):
         run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "model",
             tmp_path / "finetune.json")
     assert not (tmp_path / "model").exists()
+
+
+def test_same_seed_same_result(fitted, tmp_path):
+    """Deterministic mode, same seed, same machine: two runs give identical metrics and identical weights."""
+    from pipeline.artifacts import sha256_file
+
+    selected = _select(fitted, tmp_path, "mlp")
+    runs = []
+    for i in range(2):
+        metrics = run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
+                      tmp_path / f"model{i}", tmp_path / f"finetune{i}.json", tmp_path / f"live{i}")
+        runs.append((metrics, sha256_file(tmp_path / f"model{i}" / "model.safetensors")))
+    assert runs[0] == runs[1]
+    curves = tmp_path / "live0" / "plots" / "metrics"
+    assert (curves / "val" / "accuracy.tsv").read_text() == (tmp_path / "live1" / "plots" / "metrics" / "val" /
+                                                              "accuracy.tsv").read_text()
+
+
+def test_random_head_starts_from_chance(fitted, tmp_path):
+    """warm_start: false (the LP-FT comparison) starts near chance; the warm start starts at the head's accuracy."""
+    selected = _select(fitted, tmp_path, "logreg")
+    params = _override(fitted["params"], tmp_path / "params.yaml", warm_start=False, epochs=0)
+    metrics = run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
+                  tmp_path / "f.json")
+    assert metrics["warm_start"] is False
+    assert metrics["start_val"]["accuracy"] < fitted["metrics"]["logreg"]["val"]["accuracy"]

@@ -43,3 +43,43 @@ def test_hymenoptera_logreg_head(hymenoptera: Path, tmp_path: Path):
     assert logreg["val"]["accuracy"] >= 0.93, logreg
     selected = json.loads((repo / "models" / "selected.json").read_text())
     assert selected["head"] in ("logreg", "mlp") and selected["reason"]
+
+
+def test_queued_grid_extracts_once(tmp_path: Path, monkeypatch):
+    """`dvc exp run --queue` over two head settings + `dvc queue start`: both run, extraction happens once."""
+    import time
+
+    from conftest import run_cmd
+
+    run_log = tmp_path / "runlog"
+    monkeypatch.setenv("PIPELINE_RUN_DIR", str(run_log))  # one run log for the repo and the queue's temp copies
+    repo = tmp_path / "repo"
+    write_digit_folder(repo / "tiny", classes=3, per_class=12)
+    make_dvc_repo(repo, **{**TINY, "data": {**TINY["data"], "source": "tiny"}})
+    dvc(repo, "repro")
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "baseline run"], repo)
+    for dropout in ("0.2", "0.3"):
+        dvc(repo, "exp", "run", "--queue", "-S", f"heads.mlp.dropout={dropout}")
+    dvc(repo, "queue", "start", "--jobs", "1")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Success" in status and "Failed" not in status, status
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    dropouts = set()
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                params = rev["data"]["params"]["params.yaml"]["data"]
+                dropouts.add(params["heads"]["mlp"]["dropout"])
+    assert {0.2, 0.3} <= dropouts, shown
+    records = [json.loads(line) for line in (run_log / "history.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records if r["status"] == "ok"]
+    assert stages.count("extract") == 1, stages  # the baseline; the queued runs reuse its cache
+    assert stages.count("prepare") == 1, stages
+    mlp_runs = [r for r in records if r["stage"] == "heads" and "mlp" in r["argv"]]
+    assert len(mlp_runs) == 3, stages  # baseline + one per queued experiment

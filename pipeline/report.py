@@ -1,0 +1,201 @@
+"""Pictures and a human-readable report of a pipeline run, written by the evaluate stage.
+
+Everything here is a pure function of the run's artefacts (no times, no host names), so identical runs write identical
+bytes and `dvc.lock` does not change; times and machines are in the run log (`runs/`), which the report points to.
+Figures are PNGs drawn with matplotlib's Agg backend and no metadata, for the same reason.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI; also keeps the bytes independent of the desktop
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.artifacts import atomic_path  # noqa: E402
+
+_PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **_PNG)
+    plt.close(fig)
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (labels, predicted), 1)
+    return m
+
+
+def plot_confusion(path: Path, matrix: np.ndarray, classes: Sequence[str], title: str) -> None:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * max(n, 4), 1.0 + 0.45 * max(n, 4)))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"{title}\naccuracy {np.trace(matrix) / max(matrix.sum(), 1):.4f}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_heads(path: Path, ranking: list[dict]) -> None:
+    """Val accuracy per head, as horizontal bars, best on top."""
+    names = [r["head"] for r in ranking][::-1]
+    acc = [r["val_accuracy"] for r in ranking][::-1]
+    fig, ax = plt.subplots(figsize=(5, 0.6 + 0.5 * len(names)))
+    bars = ax.barh(names, acc, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{a:.4f}" for a in acc], padding=3, fontsize=8)
+    ax.set_xlim(min(acc) - 0.1 if min(acc) > 0.1 else 0, 1.0)
+    ax.set_xlabel("val accuracy")
+    ax.set_title("heads on cached features", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    """Fine-tune loss and val accuracy per epoch; epoch 0 is the warm start (the head's own val numbers)."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    train = [(h["epoch"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    if train:
+        ax1.plot(*zip(*train), "o-", label="train loss")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
+    ax1.set_xlabel("epoch")
+    ax1.legend(fontsize=8)
+    ax2.plot(epochs, [h["val_accuracy"] for h in history], "o-", color="tab:green")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("val accuracy")
+    fig.suptitle("fine-tune (epoch 0 = warm start from the head)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_misclassified(path: Path, images: list[np.ndarray], titles: list[str], header: str) -> None:
+    """A grid of misclassified images (uint8 HxWx3), each titled 'true -> predicted'."""
+    n = max(len(images), 1)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, t in zip(axes.flat, images, titles):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(t, fontsize=8)
+    if not images:
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle(header, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _table(header: Sequence[str], rows: list[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
+                   figures: dict[str, str]) -> None:
+    """report.md: data, backbone, heads, fine-tune, best model, figures, and how to reproduce."""
+    classes = meta["classes"]
+    counts = meta.get("counts", {})
+    splits = [s for s in ("train", "val", "test") if s in counts]
+    data_rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
+    data_rows.append(["**total**"] + [sum(counts[s].values()) for s in splits])
+    pre = json.loads(attrs["preprocess"]) if isinstance(attrs.get("preprocess"), str) else attrs.get("preprocess", {})
+    evals = [s for s in ("val", "test") if s in result["best_head"]]
+    best_head = result["best_head"]
+    models = [[f"head `{best_head['name']}`"] + [_pct(best_head[s]["accuracy"]) for s in evals]]
+    if "finetune" in result:
+        models.append(["fine-tuned network"] + [_pct(result["finetune"][s]["accuracy"]) for s in evals])
+    best = max(models, key=lambda r: r[1])
+    skipped = meta.get("skipped", 0)
+    skipped_n = len(skipped) if isinstance(skipped, list) else skipped
+    parts = [
+        "# Pipeline report",
+        "",
+        "Written by the `evaluate` stage from the run's artefacts only. Wall times, machine and package versions of "
+        "each stage are in the run log, `runs/<stage>.json` (not tracked by DVC, so identical runs keep identical "
+        "`dvc.lock` files).",
+        "",
+        "## Data",
+        f"Source `{meta.get('source')}`: {len(classes)} classes, {skipped_n} files skipped "
+        "(listed with reasons in `data/prepared/skipped.csv`).",
+        "",
+        _table(["class", *splits], data_rows),
+        "",
+        *[f"> warning: {w}" for w in meta.get("warnings", [])],
+        "",
+        "## Backbone",
+        f"`{attrs['backbone']}`, weights `{attrs['weights']}` (sha256 `{attrs['weights_sha256'][:16]}...`), "
+        f"{attrs['precision']} extraction stored as {attrs['dtype']}, {attrs['num_features']} features per pooling.",
+        f"Preprocessing: resize {pre.get('resize')} ({pre.get('interpolation')}), centre crop {pre.get('size')}, "
+        f"mean {pre.get('mean')}, std {pre.get('std')}.",
+        "",
+        "## Heads (fitted on cached features)",
+        _table(["head", "val accuracy", "val loss"],
+               [[f"`{r['head']}`", _pct(r["val_accuracy"]), f"{r['val_loss']:.4f}"] for r in selected["ranking"]]),
+        "",
+        f"Selected: **{selected['head']}** ({selected['reason']}).",
+        "",
+        f"![heads]({figures['heads']})",
+        "",
+    ]
+    if finetune_info is not None:
+        ft = finetune_info["finetune"]
+        parity = finetune_info.get("parity")
+        start = (f"Warm-started from `{finetune_info['warm_start']}`; parity check on val: max |logit difference| "
+                 f"{parity['max_abs_logit_diff']:.2e}, argmax flips {_pct(parity['argmax_flip_fraction'])}."
+                 if parity else "Started from a randomly initialised head (`finetune.warm_start: false`).")
+        parts += [
+            "## Fine-tune (LP-FT)",
+            f"{start} {ft['epochs']} epochs, head lr {ft['lr']}, "
+            f"body lr x{ft['body_lr_ratio']}, BatchNorm `{ft['bn']}`; best epoch {finetune_info['best_epoch']} "
+            "(epoch 0 = the warm start itself).",
+            "",
+            _table(["epoch", "train loss", "val loss", "val accuracy"],
+                   [[h["epoch"], "-" if h.get("train_loss") is None else f"{h['train_loss']:.4f}",
+                     f"{h['val_loss']:.4f}", _pct(h["val_accuracy"])] for h in finetune_info["history"]]),
+            "",
+            f"![fine-tune curves]({figures['curves']})",
+            "",
+        ]
+    parts += [
+        "## Result",
+        _table(["model", *[f"{s} accuracy" for s in evals]], models),
+        "",
+        f"Best on val: **{best[0]}**.",
+        "",
+        *[f"![{name}]({fig})" for name, fig in figures.items() if name.startswith("confusion")],
+        "",
+        f"![misclassified]({figures['misclassified']})",
+        "",
+        "## Reproduce",
+        "```",
+        "git clone <this repository> && cd <it>",
+        "make repro          # installs requirements.lock into .venv, then runs `dvc repro`",
+        ".venv/bin/python -m pipeline.verify   # compares the outputs with the committed ones",
+        ".venv/bin/dvc metrics show",
+        "```",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts))

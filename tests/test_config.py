@@ -1,0 +1,111 @@
+"""params.yaml mistakes fail before any work, naming the key and what is allowed; and the data params that change
+prepare's output are exactly the ones dvc.yaml lists for it."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, write_params
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, SECTIONS, ConfigError, DataConfig, load_section
+from pipeline.errors import PipelineError
+
+
+def _params(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,section,expected", [
+    ("data:\n  val_fracton: 0.1\n", "data",
+     r"unknown key 'data.val_fracton' in params.yaml \(did you mean 'data.val_fraction'\?\); allowed keys: "
+     r"source, val_fraction, test_fraction, seed, max_image_pixels, on_bad_file"),
+    ("heads:\n  mlp:\n    hiden: [64]\n", "heads", r"unknown key 'heads.mlp.hiden' .*did you mean 'heads.mlp.hidden'"),
+    ("heads:\n  mlpp: {}\n", "heads",
+     r"unknown key 'heads.mlpp' .*did you mean 'heads.mlp'.*allowed keys: logreg, mlp"),
+    ("finetuen:\n  epochs: 1\n", "data", r"unknown section 'finetuen' .*did you mean 'finetune'.*allowed: data, "),
+])
+def test_unknown_keys_name_the_key_and_the_allowed_ones(tmp_path, text, section, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_section(section, _params(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("heads:\n  mlp:\n    epochs: ten\n", r"heads.mlp.epochs must be an integer, got 'ten'"),
+    ("heads:\n  mlp:\n    epochs: true\n", r"heads.mlp.epochs must be an integer, got True"),
+    ("heads:\n  mlp:\n    hidden: 64\n", r"heads.mlp.hidden must be a list of int, got 64"),
+    ("heads:\n  logreg:\n    C: [0.1, big]\n", r"heads.logreg.C\[1\] must be a number, got 'big'"),
+    ("finetune:\n  hflip: 'no'\n", r"finetune.hflip must be true or false, got 'no'"),
+    ("data:\n  source: 3\n", r"data.source must be a string, got 3"),
+    ("data:\n  max_image_pixels: 2.5e8\n", r"data.max_image_pixels must be an integer"),
+    ("data:\n  on_bad_file: ignore\n", r"data.on_bad_file = 'ignore' is not allowed; choose one of: skip, error"),
+    ("extract:\n  precision: fp16\n", r"extract.precision = 'fp16' is not allowed; choose one of: fp32, bf16"),
+    ("data: [1, 2]\n", r"data must be a mapping of keys"),
+])
+def test_wrong_types(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_section("data", _params(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("data:\n  val_fraction: 1.5\n", r"data.val_fraction = 1.5 is out of range; allowed: \(0.0, 1.0\]"),
+    ("data:\n  val_fraction: 0.6\n  test_fraction: 0.5\n", r"data.val_fraction \+ data.test_fraction must be < 1"),
+    ("data:\n  max_image_pixels: 0\n", r"data.max_image_pixels = 0 is out of range; allowed: \[1, inf\]"),
+    ("data:\n  source: ''\n", r"data.source is empty"),
+    ("heads:\n  mlp:\n    dropout: 1.0\n", r"heads.mlp.dropout must be < 1"),
+    ("extract:\n  batch_size: 0\n", r"extract.batch_size = 0 is out of range; allowed: \[1, inf\]"),
+    ("backbone:\n  image_size: 8\n", r"backbone.image_size = 8 is out of range; allowed: \[16, 4096\]"),
+])
+def test_out_of_range(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_section("data", _params(tmp_path, text))
+
+
+def test_every_section_is_checked_by_every_stage(tmp_path):
+    """A typo in finetune stops prepare at once, not hours later when fine-tuning starts."""
+    params = write_params(tmp_path / "params.yaml", finetune={"epoch": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune.epoch' .*did you mean 'finetune.epochs'"):
+        load_section("data", params)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line 3, column 1"):
+        load_section("data", _params(tmp_path, "data:\n  source: x\n\tseed: 1\n"))
+    with pytest.raises(ConfigError, match="not found; run from the repository root or pass --params"):
+        load_section("data", tmp_path / "nope.yaml")
+    assert issubclass(ConfigError, PipelineError)
+
+
+def test_repository_params_are_valid_and_match_the_defaults():
+    data = load_section("data", REPO / "params.yaml")
+    assert data.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS and data.on_bad_file == "skip"
+    for name in SECTIONS:
+        load_section(name, REPO / "params.yaml")
+
+
+def test_prepare_stage_lists_every_data_param():
+    """Every data.* key changes prepare's output, so DVC must rerun prepare when any of them changes."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    listed = {p.split(".", 1)[1] for p in stage["params"] if isinstance(p, str) and p.startswith("data.")}
+    assert listed == {f.name for f in dataclasses.fields(DataConfig)}
+
+
+def test_bad_params_stop_the_stage_with_one_line(tmp_path):
+    params = write_params(tmp_path / "params.yaml", heads={"mlp.hiden": [64]})
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["prepare: error: unknown key 'heads.mlp.hiden' in params.yaml (did you mean "
+                      "'heads.mlp.hidden'?); allowed keys: hidden, dropout, lr, weight_decay, batch_size, epochs, "
+                      "patience, seed"], proc.stderr
+    assert not out.exists()

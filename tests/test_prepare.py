@@ -1,0 +1,240 @@
+"""`prepare` on messy real folders: every unusable file is listed with its reason (never dropped silently), every odd
+but valid image is indexed and loads, and class layouts a classifier cannot use stop the stage with one clear line.
+
+All images derive from real files: hymenoptera photos (when present) and scikit-learn's digit scans."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import HYMENOPTERA, REPO, write_digit_folder, write_params
+from pipeline import prepare
+from pipeline.backbone import Preprocess
+from pipeline.data import ImageDataset, eval_transform
+from pipeline.prepare import DataSourceError
+
+PRE = Preprocess(size=32, resize=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+
+def _photo(tmp_path: Path, size: tuple[int, int]) -> Image.Image:
+    """A real photo (hymenoptera), or a real digit scan when the photos are absent, as RGB of `size`."""
+    src = HYMENOPTERA / "train" / "bees" / "16838648_415acd9e3f.jpg"
+    if not src.is_file():
+        src = next((write_digit_folder(tmp_path / "photo_src", classes=1, per_class=1) / "0").iterdir())
+    with Image.open(src) as im:
+        return im.convert("RGB").resize(size, Image.BILINEAR)
+
+
+def _run(tmp_path: Path, source: Path, **data) -> tuple[Path, dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = write_params(tmp_path / "params.yaml", data={"source": str(source), **data})
+    out = tmp_path / "prepared"
+    prepare.main(["--params", str(params), "--out", str(out)])
+    return out, json.loads((out / "classes.json").read_text())
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _build_messy(tmp_path: Path) -> Path:
+    """Digits 0-2 (10 each) plus every kind of trouble a real folder holds."""
+    root = write_digit_folder(tmp_path / "messy", classes=3, per_class=10)
+    photo = _photo(tmp_path, (48, 32))
+    jpg, png = io.BytesIO(), io.BytesIO()
+    photo.save(jpg, "JPEG")
+    photo.save(png, "PNG")
+    corrupt = bytearray(jpg.getvalue())
+    corrupt[2:40] = b"\xAA" * 38
+    bad = {"truncated.jpg": jpg.getvalue()[: len(jpg.getvalue()) // 2],
+           "truncated.png": png.getvalue()[: len(png.getvalue()) // 2], "corrupt.jpg": bytes(corrupt),
+           "empty.png": b"", "text.jpg": b"a text file with an image extension\n",
+           "notes.txt": b"a text file in a class folder\n", ".DS_Store": b"\x00\x00\x00\x01Bud1"}
+    for name, data in bad.items():
+        (root / "0" / name).write_bytes(data)
+    (root / "0" / ".ipynb_checkpoints").mkdir()
+    shutil.copy2(root / "0" / "0000.png", root / "0" / ".ipynb_checkpoints" / "0000-checkpoint.png")
+
+    c1 = root / "1"
+    photo.save(c1 / "anim.gif", save_all=True, append_images=[Image.eval(photo, lambda v: 255 - v)])
+    photo.convert("P", palette=Image.ADAPTIVE).save(c1 / "palette.png")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(c1 / "alpha.png")
+    Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257).save(c1 / "gray16.png")
+    photo.convert("L").save(c1 / "gray.jpg")
+    photo.convert("CMYK").save(c1 / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[274] = 6
+    photo.save(c1 / "rotated.jpg", exif=exif.tobytes())
+    Image.new("L", (1, 1), 200).save(c1 / "tiny.png")
+    _photo(tmp_path, (96, 96)).save(c1 / "huge.png")  # 9,216 pixels: over the test's limit of 5,000
+    nested = c1 / "sub folder" / "nested ñ"
+    nested.mkdir(parents=True)
+    photo.rotate(90).save(nested / "été photo 1.png")
+
+    c2 = root / "2"
+    outside = write_digit_folder(tmp_path / "elsewhere", classes=3, per_class=1)
+    os.symlink(next((outside / "2").iterdir()), c2 / "link.png")
+    os.symlink(tmp_path / "no-such-file.png", c2 / "broken.png")
+    os.symlink("..", c2 / "up")  # a link loop back to the root
+    os.symlink(".", c2 / "self")
+    with open(os.fsencode(c2) + b"/latin1 \xe9t\xe9.png", "wb") as f:  # a name that is not UTF-8 (old Windows zips)
+        f.write(png.getvalue())
+
+    unicode_cls = root / "ünï cls"
+    unicode_cls.mkdir()
+    more = write_digit_folder(tmp_path / "more", classes=4, per_class=8)
+    for f in sorted((more / "3").iterdir()):
+        shutil.copy2(f, unicode_cls / f"ça {f.name}")
+    (root / "empty_class").mkdir()
+    (root / "README.txt").write_text("not in a class folder\n")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "x.png").write_bytes(png.getvalue())
+    return root
+
+
+def test_messy_folder(tmp_path, capsys):
+    root = _build_messy(tmp_path)
+    out, meta = _run(tmp_path, root, max_image_pixels=5000)
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    expected = {"0/truncated.jpg": "truncated", "0/truncated.png": "truncated", "0/corrupt.jpg": "not in any image",
+                "0/empty.png": "empty file", "0/text.jpg": "not in any image", "0/notes.txt": "not an image file",
+                "0/.DS_Store": "hidden file", "0/.ipynb_checkpoints/": "hidden folder",
+                "1/huge.png": "over data.max_image_pixels = 5,000", "2/broken.png": "broken symlink",
+                "2/up/": "loops back", "2/self/": "loops back", "README.txt": "not in a class folder",
+                "2/latin1 \\udce9t\\udce9.png": "not valid utf-8",
+                ".cache/": "hidden folder"}
+    assert set(skipped) == set(expected), skipped
+    for path, reason in expected.items():
+        assert reason in skipped[path].lower(), (path, skipped[path])
+    assert meta["skipped"] == len(expected)
+
+    rows = _csv(out / "index.csv")
+    paths = {r["path"] for r in rows}
+    odd = {"1/anim.gif", "1/palette.png", "1/alpha.png", "1/gray16.png", "1/gray.jpg", "1/cmyk.jpg",
+           "1/rotated.jpg", "1/tiny.png", "1/sub folder/nested ñ/été photo 1.png", "2/link.png"}
+    assert odd <= paths
+    assert meta["classes"] == ["0", "1", "2", "ünï cls"]
+    assert len(rows) == 10 + 19 + 11 + 8  # digits + odd images + link + the non-ASCII class
+    assert any("empty_class" in w for w in meta["warnings"])
+    log_text = capsys.readouterr().err
+    assert f"{len(expected)} files skipped" in log_text
+    assert "12 files cannot be used and were skipped" in log_text and "0/corrupt.jpg (" in log_text
+    assert "class folders with no usable images, left out: empty_class" in log_text
+
+    # every indexed file loads through the dataset extraction and fine-tuning use, from the index's own paths
+    dataset = ImageDataset(meta["source"], rows, eval_transform(PRE))
+    assert all(dataset[i][0].shape == (3, 32, 32) for i in range(len(rows)))
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+    with pytest.raises(DataSourceError, match=r"12 files .* data.on_bad_file is 'error'.*0/corrupt.jpg"):
+        _run(tmp_path / "strict", root, max_image_pixels=5000, on_bad_file="error")
+
+
+def test_hidden_files_alone_never_fail_strict_mode(tmp_path):
+    root = write_digit_folder(tmp_path / "d", classes=2, per_class=6)
+    (root / "0" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    out, meta = _run(tmp_path, root, on_bad_file="error")
+    assert meta["skipped"] == 1 and _csv(out / "skipped.csv")[0]["reason"] == "hidden file"
+
+
+def _split_tree(tmp_path: Path, train: list[int], val: list[int]) -> Path:
+    digits = write_digit_folder(tmp_path / "src", classes=max(train + val) + 1, per_class=8)
+    root = tmp_path / "split"
+    for split, classes, files in (("train", train, slice(0, 5)), ("val", val, slice(5, 8))):
+        for c in classes:
+            (root / split / str(c)).mkdir(parents=True)
+            for f in sorted((digits / str(c)).iterdir())[files]:
+                shutil.copy2(f, root / split / str(c) / f.name)
+    return root
+
+
+def test_class_absent_from_val_is_a_warning(tmp_path, capsys):
+    root = _split_tree(tmp_path, train=[0, 1, 2], val=[0, 1])
+    _, meta = _run(tmp_path, root)
+    assert meta["classes"] == ["0", "1", "2"] and meta["counts"]["val"]["2"] == 0
+    assert "classes absent from val (their val accuracy is not measured): 2" in capsys.readouterr().err
+    assert any("absent from val" in w for w in meta["warnings"])
+
+
+def test_class_absent_from_train_is_an_error(tmp_path):
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1, 2])
+    with pytest.raises(DataSourceError, match=r"classes \['2'\] have images in val/test but none in train"):
+        _run(tmp_path, root)
+
+
+def test_single_class_is_an_error(tmp_path):
+    root = write_digit_folder(tmp_path / "one", classes=1, per_class=10)
+    (root / "empty").mkdir()  # an empty second folder is no second class
+    with pytest.raises(DataSourceError, match="only '0'.*a classifier needs at least 2 classes"):
+        _run(tmp_path, root)
+
+
+def test_duplicates_across_splits_warn_with_count(tmp_path, capsys):
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1])
+    train0 = sorted((root / "train" / "0").iterdir())
+    shutil.copy2(train0[0], root / "val" / "0" / "copy a.png")
+    shutil.copy2(train0[1], root / "val" / "0" / "copy b.png")
+    shutil.copy2(train0[2], root / "val" / "1" / "copy c.png")  # same bytes, other class
+    shutil.copy2(train0[3], root / "train" / "0" / "again.png")  # within train: no leakage
+    out, meta = _run(tmp_path, root)
+    log_text = capsys.readouterr().err
+    assert meta["duplicates"] == {"across_splits": 3, "within_split": 1, "label_conflicts": 1}
+    assert "possible leakage: 3 val/test images are byte-identical to images in an earlier split" in log_text
+    assert "1 groups of byte-identical images carry different classes" in log_text
+    dups = _csv(out / "duplicates.csv")
+    assert len(dups) == 8 and {d["path"] for d in dups} >= {"val/0/copy a.png", "val/1/copy c.png"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no_class_folders", "empty"])
+def test_bad_source_is_one_clear_error(tmp_path, kind):
+    if kind == "missing":
+        source, expected = tmp_path / "nowhere", "does not exist"
+    elif kind == "file":
+        source, expected = tmp_path / "a.png", "is a file"
+        Image.new("L", (8, 8)).save(source)
+    elif kind == "no_class_folders":
+        source, expected = tmp_path / "flat", "its 3 image files lie directly in it"
+        source.mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8), i).save(source / f"{i}.png")
+    else:
+        source, expected = tmp_path / "empty", "it holds no folders"
+        source.mkdir()
+    with pytest.raises(DataSourceError, match=expected):
+        _run(tmp_path, source)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_bad_source_from_the_command_line(tmp_path):
+    params = write_params(tmp_path / "params.yaml", data={"source": str(tmp_path / "nowhere")})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out",
+                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"prepare: error: data.source '{tmp_path / 'nowhere'}' does not exist; point it at an "
+                      "ImageFolder root (one subfolder per class, or train/ val/ [test/] folders of class subfolders)"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_hymenoptera_as_it_is(hymenoptera, tmp_path):
+    """The real set: its GIF and its .jpeg are indexed, nothing is skipped, the split folders are kept."""
+    out, meta = _run(tmp_path, hymenoptera)
+    rows = _csv(out / "index.csv")
+    paths = {r["path"] for r in rows}
+    assert len(rows) == 398 and meta["skipped"] == 0
+    assert {"train/ants/imageNotFound.gif", "train/ants/formica.jpeg"} <= paths
+    assert meta["counts"]["train"] == {"ants": 124, "bees": 121} and meta["counts"]["val"] == {"ants": 70, "bees": 83}
