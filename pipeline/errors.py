@@ -19,8 +19,12 @@ class PipelineError(Exception):
 def run_main(main: Callable[[], None], stage: str) -> None:
     """Runs a stage's `main`: one log line at start and end, a run-log record, PipelineError as one line + exit 2."""
     from pipeline import runlog
+    from pipeline.runtime import setup_logging
 
+    setup_logging()
     log = logging.getLogger(f"pipeline.{stage}")
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        log.info("%s: start", stage)
     started, t0 = time.time(), time.perf_counter()
     status = "error"
     try:

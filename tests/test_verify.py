@@ -1,0 +1,40 @@
+"""pipeline.verify: verdicts for identical, slightly different and very different artefacts."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.verify import CLOSE, DIFFERENT, SAME, compare_features, compare_lock, compare_metrics, record
+
+
+def test_metrics_verdicts():
+    then = {"val": {"accuracy": 0.93, "loss": 0.2}, "best_epoch": 3}
+    assert compare_metrics(then, then, 0.01)[0] == SAME
+    verdict, detail = compare_metrics({"val": {"accuracy": 0.935, "loss": 0.2}, "best_epoch": 3}, then, 0.01)
+    assert verdict == CLOSE and "0.005" in detail
+    assert compare_metrics({"val": {"accuracy": 0.90, "loss": 0.2}, "best_epoch": 3}, then, 0.01)[0] == DIFFERENT
+    assert compare_metrics({"val": {"accuracy": 0.93, "loss": 0.2}, "best_epoch": 4}, then, 0.01)[0] == DIFFERENT
+
+
+def test_lock_verdicts():
+    lock = {"stages": {"extract": {"outs": [{"path": "data/features.h5", "md5": "abc"}]}}}
+    other = {"stages": {"extract": {"outs": [{"path": "data/features.h5", "md5": "abd"}]}}}
+    assert [v for _, v, _ in compare_lock(lock, lock)] == [SAME]
+    assert [v for _, v, _ in compare_lock(other, lock)] == [DIFFERENT]
+
+
+def test_feature_verdicts(tiny_cache, tmp_path: Path):
+    reference = tmp_path / "reference"
+    record(tiny_cache["features"], reference)
+    assert compare_features(tiny_cache["features"], reference, 1e-3, 1e-4)[0] == SAME
+    for delta, expected in ((1e-6, CLOSE), (1e-1, DIFFERENT)):
+        copy = tmp_path / f"features_{delta}.h5"
+        shutil.copy(tiny_cache["features"], copy)
+        with h5py.File(copy, "r+") as f:
+            f["val/avg"][0] = f["val/avg"][0] + np.float32(delta)
+        verdict, detail = compare_features(copy, reference, 1e-3, 1e-4)
+        assert verdict == expected, detail
+        assert f"{delta:.3g}"[:3] in detail or verdict == DIFFERENT
