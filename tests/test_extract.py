@@ -1,0 +1,359 @@
+"""Extraction: deterministic bytes, equality with a direct forward, the input path, resume after a kill, torchrun.
+
+Real model (bundled EfficientNet-Lite0), real images (scikit-learn digits as PNGs, hymenoptera JPEGs when present).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, copy_hymenoptera_slice, write_digit_folder, write_params
+from pipeline import extract as ex
+from pipeline.backbone import build_backbone, pool_avg_max
+from pipeline.config import BackboneConfig, ConfigError, ExtractConfig, load_section
+from pipeline.data import eval_transform, load_rgb
+from pipeline.loader import (DeviceInput, ExtractDataset, apply_orientation, collate, decode_jpegs,
+                             jpeg_orientation, make_loader)
+from pipeline.prepare import read_index
+
+BB32 = BackboneConfig(image_size=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread here and in the subprocesses: on a shared 2-core runner, OpenMP threads that wait for each
+    other behind other processes make a 32 px forward 10-100x slower. Bytes do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def prepare_folder(root: Path, source: Path, **extract: object) -> tuple[Path, Path]:
+    """params.yaml (32 px) and a prepared index for an image folder, through prepare's own entry point."""
+    from pipeline import prepare
+
+    params = write_params(root / "params.yaml", data={"source": str(source), "val_fraction": 0.25,
+                                                      "test_fraction": 0.25},
+                          backbone={"image_size": 32}, extract={"workers": 0, "batch_size": 16, **extract})
+    prepare.main(["--params", str(params), "--out", str(root / "prepared")])
+    return params, root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def digits60(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
+    """60 digit PNGs (3 classes), prepared, and their features extracted once with batch 64 on two threads (the
+    reference the other runs, on one thread, must match byte for byte)."""
+    root = tmp_path_factory.mktemp("digits60")
+    params, index = prepare_folder(root, write_digit_folder(root / "digits", classes=3, per_class=20))
+    ref = root / "ref.h5"
+    torch.set_num_threads(2)
+    try:
+        ex.extract_features(index, ref, BB32, ExtractConfig(batch_size=64, workers=0))
+    finally:
+        torch.set_num_threads(1)
+    return {"root": root, "params": params, "index": index, "ref": ref}
+
+
+def _features(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    with h5py.File(path, "r") as f:
+        return {s: {k: f[s][k][...] for k in ("avg", "max", "labels", "ids")} for s in f}
+
+
+# --- the file: bytes, layout, values -------------------------------------------------------------------------------
+
+
+def test_rerun_and_batch_size_workers_checkpoints_give_identical_bytes(digits60, tmp_path: Path):
+    again = tmp_path / "again.h5"
+    ex.extract_features(digits60["index"], again, BB32, ExtractConfig(batch_size=64, workers=0))
+    other = tmp_path / "other.h5"
+    ex.extract_features(digits60["index"], other, BB32, ExtractConfig(batch_size=7, workers=2, checkpoint_rows=5))
+    assert sha256(again) == sha256(digits60["ref"])
+    assert sha256(other) == sha256(digits60["ref"])  # batch, workers, checkpoint size: speed only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.h5", "other.h5"]  # no partial, no temp file left
+
+
+def test_features_equal_a_direct_forward_in_index_order(digits60):
+    rows, meta = read_index(digits60["index"])
+    net, pre, _ = build_backbone(BB32)
+    tf = eval_transform(pre)
+    x = torch.stack([tf(load_rgb(Path(meta["source"]) / r["path"])) for r in rows])
+    with torch.inference_mode():
+        nchw_avg, nchw_max = pool_avg_max(net(x))
+        net = net.to(memory_format=torch.channels_last)
+        cl_avg, cl_max = pool_avg_max(net(x.contiguous(memory_format=torch.channels_last)))
+    feats = _features(digits60["ref"])
+    got_ids = np.concatenate([feats[s]["ids"] for s in ("train", "val", "test")])
+    assert got_ids.tolist() == list(range(len(rows)))  # row order is the index's, split by split
+    got_avg = np.concatenate([feats[s]["avg"] for s in ("train", "val", "test")])
+    got_max = np.concatenate([feats[s]["max"] for s in ("train", "val", "test")])
+    labels = np.concatenate([feats[s]["labels"] for s in ("train", "val", "test")])
+    assert labels.tolist() == [int(r["label"]) for r in rows]
+    # bit for bit the channels_last forward of the tutorial transform; NCHW differs only in the last bits
+    np.testing.assert_array_equal(got_avg, cl_avg.numpy())
+    np.testing.assert_array_equal(got_max, cl_max.numpy())
+    np.testing.assert_allclose(got_avg, nchw_avg.numpy(), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got_max, nchw_max.numpy(), atol=2e-5, rtol=0)
+
+
+def test_attributes_record_precision_dtype_decode(digits60, tmp_path: Path):
+    out = tmp_path / "f16.h5"
+    ex.extract_features(digits60["index"], out, BB32, ExtractConfig(dtype="float16", precision="bf16"))
+    with h5py.File(out, "r") as f:
+        attrs = dict(f.attrs)
+        assert f["train/avg"].dtype == np.float16 and f["train/avg"].chunks[1] == f["train/avg"].shape[1]
+    assert (attrs["precision"], attrs["dtype"], attrs["decode"]) == ("bf16", "float16", "pil")
+    assert list(attrs) == sorted(attrs)  # a fixed attribute order, part of the byte-for-byte reproducibility
+    ref = _features(digits60["ref"])["train"]["avg"]
+    got = _features(out)["train"]["avg"].astype(np.float32)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.98  # bf16 is a different cache, but the same features
+
+
+def test_unknown_decode_is_refused_with_the_choices(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  decode: nvjpeg\n")
+    with pytest.raises(ConfigError, match=r"extract.decode = 'nvjpeg' is not allowed; choose one of: pil, torchvision"):
+        load_section("extract", params)
+
+
+def test_share_gives_contiguous_slices_covering_everything():
+    items = list(range(11))
+    slices = [ex.share(items, r, 4) for r in range(4)]
+    assert [len(s) for s in slices] == [3, 3, 3, 2]
+    assert sum(slices, []) == items
+
+
+# --- resume --------------------------------------------------------------------------------------------------------
+
+
+def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path: Path, monkeypatch, caplog):
+    cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
+    out = tmp_path / "f.h5"
+    partial = ex.partial_dir(out)
+    # a run that dies after its last checkpoint: every checkpoint is on disk, no output
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ex, "_assemble", die)
+        with pytest.raises(KeyboardInterrupt):
+            ex.extract_features(digits60["index"], out, BB32, cfg)
+    assert not out.exists() and len(list(partial.glob("rows-*.h5"))) == 8
+    for p in sorted(partial.glob("rows-*.h5"))[3:6]:  # as if killed with three checkpoints missing
+        p.unlink()
+    calls = []
+    real = ex._run_rows
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        summary = ex.extract_features(digits60["index"], out, BB32, cfg)
+    assert calls == [[(24, 32), (32, 40), (40, 48)]] and summary["rows_resumed"] == 36
+    assert "resuming from" in caplog.text
+    assert sha256(out) == sha256(digits60["ref"]) and not partial.exists()
+
+    # checkpoints made with other settings (here: storage dtype) are discarded, with a log line saying why
+    partial.mkdir()
+    (partial / "fingerprint.json").write_text('{"dtype": "float16"}')
+    (partial / "rows-0000000000-0000000008.h5").write_bytes(b"not these")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        ex.extract_features(digits60["index"], out, BB32, cfg)
+    assert "discarding the partial extraction" in caplog.text and "dtype" in caplog.text
+    assert sha256(out) == sha256(digits60["ref"])
+
+
+def _extract_cmd(params: Path, index: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.extract", "--params", str(params), "--index", str(index), "--out", str(out)]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1",
+            **extra}
+
+
+@pytest.mark.slow
+def test_killed_extraction_leaves_no_output_and_resumes_to_identical_bytes(tmp_path: Path):
+    """SIGKILL a real `python -m pipeline.extract` part way; the rerun resumes and matches an uninterrupted run.
+
+    Row 40's file is swapped for a named pipe, so the run blocks there after writing its first checkpoints: the
+    kill lands mid-extraction every time, however fast or loaded the machine.
+    """
+    from pipeline import prepare
+
+    digits = write_digit_folder(tmp_path / "digits", classes=3, per_class=24)
+    params = write_params(tmp_path / "params.yaml", data={"source": str(digits)}, backbone={"image_size": 32},
+                          extract={"batch_size": 8, "workers": 0, "checkpoint_rows": 8})
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "prepared")])
+    index, out = tmp_path / "prepared", tmp_path / "features.h5"
+    partial = ex.partial_dir(out)
+    rows, meta = read_index(index)
+    blocker = Path(meta["source"]) / rows[40]["path"]
+    blocker.rename(tmp_path / "aside.png")
+    os.mkfifo(blocker)
+
+    proc = subprocess.Popen(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # rows 0-31 are written; rows 32-39 wait for the batch after them, which never comes
+    while len(list(partial.glob("rows-*.h5"))) < 4:
+        assert proc.poll() is None, f"extract ended before it could be killed:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not out.exists()  # killed: nothing where DVC and the heads stage read
+    assert len(list(partial.glob("rows-*.h5"))) == 4
+
+    blocker.unlink()
+    (tmp_path / "aside.png").rename(blocker)
+    resumed = subprocess.run(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "32 of 72 rows already extracted" in resumed.stderr
+    assert not partial.exists()
+
+    ref = tmp_path / "ref.h5"
+    ex.extract_features(index, ref, load_section("backbone", params), load_section("extract", params))
+    assert sha256(out) == sha256(ref)
+
+
+# --- torchrun ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_merge_into_the_one_process_file(digits60, tmp_path: Path):
+    """2 CPU ranks (gloo) each write their checkpoints; rank 0 merges them into the one-process file."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    out = tmp_path / "merged.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pipeline.extract", "--params", str(params), "--index", str(digits60["index"]), "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(tmp_path), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2" in proc.stderr  # rank 0 reports a world of two
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "runs") == ["merged.h5", "params.yaml"]
+
+    ref, got = _features(digits60["ref"]), _features(out)
+    assert list(got) == list(ref)
+    for split in ref:
+        np.testing.assert_array_equal(got[split]["ids"], ref[split]["ids"])
+        np.testing.assert_array_equal(got[split]["labels"], ref[split]["labels"])
+        np.testing.assert_allclose(got[split]["avg"], ref[split]["avg"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got[split]["max"], ref[split]["max"], rtol=0, atol=1e-6)
+    with h5py.File(out, "r") as a, h5py.File(digits60["ref"], "r") as b:
+        assert dict(a.attrs) == dict(b.attrs)
+    assert sha256(out) == sha256(digits60["ref"])  # and in fact the very same bytes
+
+
+# --- the input path ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation,method", [
+    (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180), (4, Image.Transpose.FLIP_TOP_BOTTOM),
+    (5, Image.Transpose.TRANSPOSE), (6, Image.Transpose.ROTATE_270), (7, Image.Transpose.TRANSVERSE),
+    (8, Image.Transpose.ROTATE_90)])
+def test_tensor_orientation_matches_pil_exif_transpose(orientation: int, method):
+    pixels = np.random.default_rng(orientation).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(pixels).transpose(method))
+    got = apply_orientation(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, want)
+    batch = torch.from_numpy(np.stack([pixels, pixels])).permute(0, 3, 1, 2)  # the batched form decode_jpegs uses
+    np.testing.assert_array_equal(apply_orientation(batch, orientation).permute(0, 2, 3, 1).numpy()[1], want)
+
+
+def test_decoding_a_list_equals_decoding_one_at_a_time(tmp_path: Path):
+    """Same-size images are resized together; each must come out exactly as if decoded alone."""
+    paths = []
+    for i, orientation in enumerate([1, 6, 1, 3, 6]):
+        paths.append(_jpeg_with_orientation(tmp_path / f"{i}.jpg", orientation))
+    Image.new("RGB", (50, 70), (10, 120, 200)).save(tmp_path / "other.jpg")
+    paths.append(tmp_path / "other.jpg")
+    _, pre, _ = build_backbone(BackboneConfig(image_size=32), load_weights=False)
+    raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    turns = [jpeg_orientation(p.read_bytes()) for p in paths]
+    cpu = torch.device("cpu")
+    together = decode_jpegs(raw, turns, [str(p) for p in paths], pre, cpu)
+    alone = [decode_jpegs([r], [t], [str(p)], pre, cpu)[0] for r, t, p in zip(raw, turns, paths)]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _jpeg_with_orientation(path: Path, orientation: int) -> Path:
+    """A smooth 90x60 picture (red grows to the right, green downwards) stored sideways with an EXIF tag."""
+    y, x = np.mgrid[0:60, 0:90]
+    im = Image.fromarray(np.stack([x * 255 // 89, y * 255 // 59, np.full_like(x, 128)], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, quality=95, exif=exif)
+    return path
+
+
+def test_torchvision_decode_is_upright_and_close_to_pil(tmp_path: Path):
+    """Rotated camera JPEG, CMYK JPEG and PNG through `decode: torchvision`: same geometry as PIL, close pixels."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _jpeg_with_orientation(folder / "rot6.jpg", 6)
+    Image.new("CMYK", (40, 30), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGB", (40, 30), (200, 10, 30)).save(folder / "plain.png")
+    assert jpeg_orientation((folder / "rot6.jpg").read_bytes()) == 6
+    assert jpeg_orientation((folder / "cmyk.jpg").read_bytes()) is None  # CMYK: the PIL path
+    _, pre, _ = build_backbone(BackboneConfig(image_size=48), load_weights=False)
+    paths = ["rot6.jpg", "cmyk.jpg", "plain.png"]
+    cpu = torch.device("cpu")
+    pil = DeviceInput(pre, cpu).pixels(collate([ExtractDataset(folder, paths, [0, 1, 2], pre, "pil")[i]
+                                                for i in range(3)]))
+    worker = ExtractDataset(folder, paths, [0, 1, 2], pre, "torchvision")
+    deferred = ExtractDataset(folder, paths, [0, 1, 2], pre, "torchvision", defer_jpeg=True)
+    in_worker = DeviceInput(pre, cpu).pixels(collate([worker[i] for i in range(3)]))
+    # the GPU's code path (bytes decoded by the main process, scattered back into batch order), run on the CPU
+    batch = collate([deferred[i] for i in range(3)])
+    assert batch.jpeg_pos.tolist() == [0] and batch.pixel_pos.tolist() == [1, 2]
+    in_main = DeviceInput(pre, cpu).pixels(batch)
+    torch.testing.assert_close(in_main, in_worker, rtol=0, atol=0)
+    torch.testing.assert_close(in_worker[1:], pil[1:], rtol=0, atol=0)  # CMYK and PNG went through PIL
+    diff = (in_worker[0].float() - pil[0].float()).abs().mean().item()
+    assert diff < 3, diff  # another IDCT and resize filter, but the same upright image (a wrong turn: > 40)
+
+
+def test_pil_path_pixels_normalise_to_the_tutorial_transform_exactly(digits60):
+    rows, meta = read_index(digits60["index"])
+    net_pre = build_backbone(BB32, load_weights=False)[1]
+    ds = ExtractDataset(meta["source"], [r["path"] for r in rows[:10]], list(range(10)), net_pre)
+    x = DeviceInput(net_pre, torch.device("cpu"))(next(iter(make_loader(ds, 10, 0, torch.device("cpu")))))
+    tf = eval_transform(net_pre)
+    want = torch.stack([tf(load_rgb(Path(meta["source"]) / r["path"])) for r in rows[:10]])
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
+def test_torchvision_decode_extracts_hymenoptera(hymenoptera: Path, tmp_path: Path):
+    """Real photos through `decode: torchvision`: recorded in the file, features close to the PIL path's."""
+    src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=2)
+    _, index = prepare_folder(tmp_path, src)
+    tv, pil = tmp_path / "tv.h5", tmp_path / "pil.h5"
+    ex.extract_features(index, tv, BB32, ExtractConfig(decode="torchvision", workers=0))
+    ex.extract_features(index, pil, BB32, ExtractConfig(decode="pil", workers=0))
+    with h5py.File(tv, "r") as f:
+        assert f.attrs["decode"] == "torchvision"
+    a = np.concatenate([v["avg"] for v in _features(tv).values()])
+    b = np.concatenate([v["avg"] for v in _features(pil).values()])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9, cos
