@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Stage commands in dvc.yaml say `python`: it must be the venv's, activated or not.
+WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: setup repro test check-repro lock clean
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: requirements.lock
 	touch $@
 
 repro: setup
-	$(BIN)/dvc repro
+	$(WITH_VENV) $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -22,11 +24,11 @@ test: setup
 # After a fresh clone: rerun the whole pipeline and require the committed dvc.lock, metrics, plots and report
 # to come out byte-identical (same platform), then let `pipeline.verify` print its verdict per artefact.
 check-repro: setup
-	$(BIN)/dvc repro
+	$(WITH_VENV) $(BIN)/dvc repro
 	git status --porcelain -- dvc.lock metrics plots report dvclive
 	git diff --exit-code --stat -- dvc.lock metrics plots report dvclive
 	test -z "$$(git status --porcelain -- dvc.lock metrics plots report dvclive)"
-	$(BIN)/python -m pipeline.verify --strict
+	$(WITH_VENV) $(BIN)/python -m pipeline.verify --strict
 
 lock:  # refresh requirements.lock from requirements.in in a clean venv
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet -r requirements.in

@@ -39,7 +39,7 @@ def run_main(main: Callable[[], None], stage: str) -> None:
         raise
     finally:
         seconds = time.perf_counter() - t0
-        if not {"-h", "--help"} & set(sys.argv[1:]):
+        if not {"-h", "--help"} & set(sys.argv[1:]):  # printing help is not a run
             runlog.write_record(stage, started, seconds, status)
-        log.info("%s: %s in %.1f s (run log: %s/%s.json)", stage, "done" if status == "ok" else "failed",
-                 seconds, runlog.run_dir(), stage)
+            log.info("%s: %s in %.1f s (run log: %s/%s.json)", stage, "done" if status == "ok" else "failed",
+                     seconds, runlog.run_dir(), stage)

@@ -121,7 +121,8 @@ def _plot_misclassified(path: Path, meta: dict, val_rows: list[dict], model: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, default=Path("data/prepared"), help="prepare's output folder")
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"), help="extract's features file")
     parser.add_argument("--heads-dir", type=Path, default=Path("models/heads"), help="folder of fitted heads")

@@ -388,7 +388,8 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.extract", description=__doc__.split("\n\n")[0],
+        prog="python -m pipeline.extract", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Params: backbone.name, backbone.weights, backbone.image_size, extract.precision, extract.dtype, "
                "extract.decode (change the output); extract.batch_size, extract.workers, extract.checkpoint_rows, "
                "extract.device (speed only). Several GPUs: torchrun --nproc_per_node=N -m pipeline.extract ...")

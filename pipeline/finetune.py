@@ -210,7 +210,8 @@ def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.finetune", description=__doc__.split("\n\n")[0],
+        prog="python -m pipeline.finetune", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Params (section finetune): epochs, lr, body_lr_ratio, layer_decay, weight_decay, schedule, "
                "warmup_epochs, freeze_epochs, patience, batch_size, bn, hflip, crop_scale, clip_grad_norm, precision, "
                "sync_bn, warm_start, seed, parity_atol, parity_max_flips (change the result); workers, device "

@@ -132,7 +132,8 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.heads", description=__doc__.split("\n\n")[0],
+        prog="python -m pipeline.heads", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Params: heads.logreg.{C,max_iter,pooling}; heads.mlp.{hidden,dropout,lr,weight_decay,batch_size,"
                "epochs,patience,seed}.")
     parser.add_argument("head", choices=HEADS, help="which head to fit")

@@ -126,7 +126,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0],
+        prog="python -m pipeline.predict", description=__doc__,
         epilog="Inputs: models/finetune (model.safetensors + model.json) or models/selected.json + models/heads/<head>."
                " Output: a CSV (path, predicted, probability, top_k, error) and the same rows on stdout."
                " Reads no params.yaml: everything comes from the saved models.",

@@ -382,7 +382,8 @@ def _log_summary(result: ScanResult, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0],
+        prog="python -m pipeline.prepare", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Params (params.yaml, section data): source, val_fraction, test_fraction, seed, max_image_pixels, "
                "on_bad_file.")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")

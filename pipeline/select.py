@@ -41,7 +41,8 @@ def select_head(metrics: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.select", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.select", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", nargs="+", default=["logreg", "mlp"], help="heads to compare, simplest first")
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics/heads"), help="where heads wrote metrics")
     parser.add_argument("--out", type=Path, default=Path("models/selected.json"), help="choice file to write")
