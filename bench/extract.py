@@ -171,7 +171,7 @@ def child_parts(a: argparse.Namespace) -> dict:
     """The pipeline's parts alone: input path (workers), input + device preprocessing, model on ready tensors."""
     import torch
 
-    from pipeline.extract import retained_heap
+    from pipeline.runtime import retained_heap
 
     with retained_heap(enabled=torch.device(a.device).type == "cpu"):  # as extract_features runs them
         return _parts(a)

@@ -113,7 +113,7 @@ def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Im
                 return im.convert("RGB")
     except BadImageError:
         raise
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError:
         raise BadImageError(name, f"image too large: over twice data.max_image_pixels = {limit:,} pixels (a "
                                   "decompression-bomb guard); raise data.max_image_pixels to accept it") from None
     except UnidentifiedImageError:

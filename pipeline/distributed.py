@@ -6,7 +6,8 @@ Rank and world size come from the environment torchrun sets (`RANK`, `WORLD_SIZE
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import datetime
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -15,22 +16,29 @@ from pipeline.runtime import DistInfo, dist_info
 
 
 @contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[DistInfo]:
-    """Initialises the process group when launched by torchrun (and tears it down); yields this process's rank."""
+def process_group(device: torch.device, timeout: datetime.timedelta | None = None
+                  ) -> Iterator[tuple[DistInfo, Callable[[], None]]]:
+    """Under torchrun, initialises the process group (and tears it down); yields this rank and a `barrier`.
+
+    In one process it yields rank 0 of 1 and a barrier that does nothing. No barrier runs on the way out: after an
+    error on one rank, a barrier there would hang the others.
+    """
     info = dist_info()
-    started = False
-    if info.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-        started = True
+    if info.world_size == 1:
+        yield info, lambda: None
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+
+    def barrier() -> None:
+        dist.barrier(device_ids=[device.index]) if backend == "nccl" else dist.barrier()
+
     try:
-        yield info
+        yield info, barrier
     finally:
-        if started:
-            dist.barrier()
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

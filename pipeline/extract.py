@@ -25,28 +25,27 @@ timestamps, fixed row order and attribute order).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
-import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import runlog
-from pipeline.artifacts import atomic_path, read_json, sha256_file, write_json
+from pipeline.artifacts import sha256_file
 from pipeline.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
+from pipeline.checkpoints import (CheckpointWriter, assemble, checkpoint_spans, completed_spans, partial_dir,
+                                  prepare_partial)
 from pipeline.config import BackboneConfig, ExtractConfig, load_section, to_dict
+from pipeline.distributed import process_group
 from pipeline.errors import PipelineError, run_main
 from pipeline.loader import DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.prepare import read_index
@@ -55,11 +54,9 @@ from pipeline.runtime import (dist_info, progress_disabled, resolve_device, reta
 
 log = logging.getLogger("pipeline.extract")
 
-CHUNK_ROWS = 256  # HDF5 chunk rows of the final file (full width: one row read never touches two chunks)
 # Ranks wait at barriers for the slowest rank's share of work (at most one checkpoint more than the others) and,
 # at start, for rank 0 to load weights; generous, since a timeout kills the whole run.
 BARRIER_TIMEOUT = datetime.timedelta(hours=2)
-_CHECKPOINT_NAME = re.compile(r"rows-(\d{10})-(\d{10})\.h5")
 
 
 class ExtractError(PipelineError, ValueError):
@@ -73,21 +70,6 @@ def library_versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def partial_dir(out: Path | str) -> Path:
-    """Where the checkpoints of an unfinished extraction into `out` live (kept when a run is killed)."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
-def checkpoint_spans(n_rows: int, rows_per: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of the checkpoints: fixed multiples of `rows_per` from row 0, whatever the ranks."""
-    return [(start, min(start + rows_per, n_rows)) for start in range(0, n_rows, rows_per)]
-
-
-def checkpoint_path(partial: Path, span: tuple[int, int]) -> Path:
-    return partial / f"rows-{span[0]:010d}-{span[1]:010d}.h5"
 
 
 def share(items: Sequence, rank: int, world_size: int) -> list:
@@ -110,40 +92,6 @@ def _check_index(rows: list[dict], index_dir: Path) -> None:
         seen.add(row["split"])
 
 
-def _split_ranges(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    """Each split's [start, stop) range in index order (splits are contiguous: the index is sorted by split)."""
-    ranges: dict[str, tuple[int, int]] = {}
-    for i, row in enumerate(rows):
-        start, _ = ranges.get(row["split"], (i, i))
-        ranges[row["split"]] = (start, i + 1)
-    return ranges
-
-
-def _create_datasets(f: h5py.File, rows: list[dict], channels: int, dtype: str) -> dict[str, tuple[int, int]]:
-    """Preallocates every split's datasets; returns each split's [start, stop) range in index order."""
-    ranges = _split_ranges(rows)
-    for split, (start, stop) in ranges.items():
-        n = stop - start
-        g = f.create_group(split)
-        chunks = (min(n, CHUNK_ROWS), channels)  # full-width chunks: one row read never touches two chunks
-        g.create_dataset("avg", shape=(n, channels), dtype=dtype, chunks=chunks)
-        g.create_dataset("max", shape=(n, channels), dtype=dtype, chunks=chunks)
-        g.create_dataset("labels", data=np.array([int(r["label"]) for r in rows[start:stop]], dtype=np.int64))
-        g.create_dataset("ids", data=np.array([int(r["id"]) for r in rows[start:stop]], dtype=np.int64))
-    return ranges
-
-
-def _write_rows(f: h5py.File, ranges: dict[str, tuple[int, int]], pos: int, avg: np.ndarray,
-                mx: np.ndarray) -> None:
-    """Writes rows [pos, pos + len(avg)) of the index to their splits (a block may straddle two splits)."""
-    end = pos + len(avg)
-    for split, (start, stop) in ranges.items():
-        lo, hi = max(pos, start), min(end, stop)
-        if lo < hi:
-            f[split]["avg"][lo - start:hi - start] = avg[lo - pos:hi - pos]
-            f[split]["max"][lo - start:hi - start] = mx[lo - pos:hi - pos]
-
-
 def forward_pooled(net: FeatureNet, x: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Average- and max-pooled features of a normalised batch, exactly `pool_avg_max(net(x))` in fp32.
 
@@ -155,53 +103,6 @@ def forward_pooled(net: FeatureNet, x: torch.Tensor, bf16: bool) -> tuple[torch.
         fmap = net(pad_rows(x))
     avg, mx = pool_avg_max(fmap.float())
     return avg[:rows], mx[:rows]
-
-
-@dataclass
-class _Buffer:
-    avg: np.ndarray
-    max: np.ndarray
-    filled: int = 0
-
-
-class CheckpointWriter:
-    """Collects rows into their checkpoint's buffer; writes each checkpoint file as soon as it is complete."""
-
-    def __init__(self, partial: Path, spans: Sequence[tuple[int, int]], channels: int, dtype: str):
-        self.partial = partial
-        self.rows_per = spans[0][1] - spans[0][0] if spans else 1
-        self.spans = {s[0] // self.rows_per: s for s in spans}
-        self.channels = channels
-        self.dtype = np.dtype(dtype)
-        self._buffers: dict[int, _Buffer] = {}
-        self.written = 0
-
-    def add(self, ids: np.ndarray, avg: np.ndarray, mx: np.ndarray) -> None:
-        which = ids // self.rows_per
-        for c in np.unique(which):
-            start, stop = self.spans[int(c)]
-            sel = which == c
-            buf = self._buffers.get(int(c))
-            if buf is None:
-                shape = (stop - start, self.channels)
-                buf = self._buffers[int(c)] = _Buffer(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
-            buf.avg[ids[sel] - start] = avg[sel]  # the cast to the storage dtype happens here, once
-            buf.max[ids[sel] - start] = mx[sel]
-            buf.filled += int(sel.sum())
-            if buf.filled == stop - start:
-                self._write((start, stop), self._buffers.pop(int(c)))
-
-    def _write(self, span: tuple[int, int], buf: _Buffer) -> None:
-        with atomic_path(checkpoint_path(self.partial, span)) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("avg", data=buf.avg)
-            f.create_dataset("max", data=buf.max)
-            f.create_dataset("ids", data=np.arange(*span, dtype=np.int64))
-        self.written += 1
-        log.debug("checkpoint rows %d-%d written", *span)
-
-    def check_complete(self) -> None:
-        if self._buffers:
-            raise RuntimeError(f"extract: checkpoints {sorted(self._buffers)} were left incomplete")
 
 
 @dataclass
@@ -229,81 +130,6 @@ class _InFlight:
             self.event.synchronize()
         writer.add(self.ids, self.avg.numpy(), self.max.numpy())
         return len(self.ids)
-
-
-@contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[Callable[[], None]]:
-    """Under torchrun, a process group used only for barriers (NCCL on GPUs, gloo on CPUs); yields `barrier`."""
-    info = dist_info()
-    if info.world_size == 1:
-        yield lambda: None
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
-
-    def barrier() -> None:
-        dist.barrier(device_ids=[device.index]) if backend == "nccl" else dist.barrier()
-
-    try:
-        yield barrier
-    finally:
-        dist.destroy_process_group()
-
-
-def _prepare_partial(partial: Path, fingerprint: dict) -> None:
-    """Keeps a partial extraction made with the same fingerprint; discards one made any other way."""
-    fp_file = partial / "fingerprint.json"
-    if partial.exists() and not partial.is_dir():
-        partial.unlink()
-    if partial.is_dir():
-        try:
-            old = read_json(fp_file)
-        except (OSError, ValueError):
-            old = None
-        if old != fingerprint:
-            differs = sorted(k for k in set(fingerprint) | set(old or {}) if (old or {}).get(k) != fingerprint.get(k))
-            log.info("extract: discarding the partial extraction in %s: it was made with other settings "
-                     "(differs in: %s)", partial, ", ".join(differs) if old else "unreadable fingerprint")
-            shutil.rmtree(partial)
-    if not partial.is_dir():
-        partial.mkdir(parents=True)
-        write_json(fp_file, fingerprint)
-
-
-def _completed(partial: Path, spans: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
-    """Checkpoints already on disk (each was renamed into place only once complete)."""
-    wanted = set(spans)
-    found = set()
-    for p in partial.glob("rows-*.h5"):
-        m = _CHECKPOINT_NAME.fullmatch(p.name)
-        if m and (int(m.group(1)), int(m.group(2))) in wanted:
-            found.add((int(m.group(1)), int(m.group(2))))
-    return found
-
-
-def _assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: list[dict], attrs: dict,
-              channels: int, dtype: str) -> None:
-    """Writes the features file from the checkpoints, one checkpoint in memory at a time, and renames it into place.
-
-    Always a fresh file written in the same order, so its bytes do not depend on how the checkpoints came about.
-    """
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for key in sorted(attrs):
-                f.attrs[key] = attrs[key]
-            ranges = _create_datasets(f, rows, channels, dtype)
-            for span in spans:
-                path = checkpoint_path(partial, span)
-                if not path.is_file():
-                    raise ExtractError(f"checkpoint {path} is missing. Under multi-node torchrun, --out must be on "
-                                       "a file system all nodes share; otherwise delete the folder and rerun")
-                with h5py.File(path, "r") as c:
-                    if not np.array_equal(c["ids"][...], np.arange(*span)):
-                        raise ExtractError(f"checkpoint {path} holds other rows than its name says; delete "
-                                           f"{partial} and rerun")
-                    _write_rows(f, ranges, span[0], c["avg"][...], c["max"][...])
 
 
 def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], todo: Sequence[tuple[int, int]],
@@ -341,7 +167,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
     info = dist_info()
     set_deterministic()
     device = resolve_device(cfg.device)
-    with _process_group(device) as barrier:
+    with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
         net, pre, weights_sha = build_backbone(backbone)
         net = net.to(device, memory_format=torch.channels_last).eval()
         for p in net.parameters():
@@ -359,11 +185,11 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
         partial = partial_dir(out)
         t0 = time.perf_counter()
         if info.is_main:
-            _prepare_partial(partial, fingerprint)
+            prepare_partial(partial, fingerprint)
             for stale in out.parent.glob(f".{out.name}.*.tmp"):  # from a run killed while writing the file
                 stale.unlink(missing_ok=True)
         barrier()
-        done = _completed(partial, spans)
+        done = completed_spans(partial, spans)
         todo = [s for s in spans if s not in done]
         mine = share(todo, info.rank, info.world_size)
         barrier()  # every rank has listed the checkpoints before any rank writes a new one
@@ -376,7 +202,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
             extracted = _run_rows(net, pre, Path(meta["source"]), rows, mine, writer, cfg, device)
         barrier()  # all checkpoints are on disk
         if info.is_main:
-            _assemble(out, partial, spans, rows, attrs, net.num_features, cfg.dtype)
+            assemble(out, partial, spans, rows, attrs, net.num_features, cfg.dtype)
             shutil.rmtree(partial, ignore_errors=True)
         seconds = time.perf_counter() - t0
     return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": resumed, "seconds": seconds,

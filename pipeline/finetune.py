@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.artifacts import read_json, write_json
 from pipeline.config import BackboneConfig, FinetuneConfig, load_section, to_dict
 from pipeline.data import ImageDataset, eval_transform, train_transform
-from pipeline.distributed import all_reduce_sum, distributed
+from pipeline.distributed import all_reduce_sum, process_group
 from pipeline.errors import PipelineError, run_main
 from pipeline.features import read_split, verify_features
 from pipeline.heads import build_head, check_head_features, head_logits, load_head, split_metrics
@@ -153,7 +153,7 @@ def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected
     attrs = verify_features(features, backbone, load_section("extract", params), index_dir)
     set_deterministic()
     device = resolve_device(cfg.device)
-    with distributed(device) as rank:
+    with process_group(device) as (rank, barrier):
         gen = seed_everything(cfg.seed)
         choice = read_json(selected)
         head, spec = load_head(heads_dir / choice["head"])
@@ -205,6 +205,7 @@ def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected
             write_json(metrics_path, metrics)
             log.info("finetune: best epoch %d, val accuracy %.4f (start %.4f), %.1f s", best["epoch"],
                      best["val_accuracy"], history[0]["val_accuracy"], time.perf_counter() - t0)
+        barrier()  # the other ranks wait for rank 0's files before the group goes away
     return metrics
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.config import load_section
 from pipeline.data import ImageDataset, eval_transform, train_transform
-from pipeline.distributed import distributed
+from pipeline.distributed import process_group
 from pipeline.finetune import finetune
 from pipeline.heads import load_head
 from pipeline.network import warm_started
@@ -25,7 +25,7 @@ def main(params: Path, index: Path, head_dir: Path, out: Path) -> None:
     backbone = load_section("backbone", params)
     set_deterministic()
     device = torch.device("cpu")
-    with distributed(device) as rank:
+    with process_group(device) as (rank, _):
         assert rank.world_size == 2, rank
         gen = seed_everything(cfg.seed + rank.rank)  # different seeds: DDP alone must keep the ranks in step
         head, spec = load_head(head_dir)

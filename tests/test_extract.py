@@ -152,7 +152,7 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(ex, "_assemble", die)
+        m.setattr(ex, "assemble", die)
         with pytest.raises(KeyboardInterrupt):
             ex.extract_features(digits60["index"], out, BB32, cfg)
     assert not out.exists() and len(list(partial.glob("rows-*.h5"))) == 8
