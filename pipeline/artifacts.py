@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import hashlib
 import json
@@ -9,7 +10,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -113,3 +114,11 @@ def sha256_tensors(named: dict[str, Any]) -> str:
         h.update(str(tuple(arr.shape)).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)

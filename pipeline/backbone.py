@@ -8,6 +8,7 @@ Weights:
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | str) -> "Preprocess":
+        """Inverse of :meth:`to_dict`, also from its JSON string (as stored in HDF5 attributes and head.json)."""
+        d = json.loads(d) if isinstance(d, str) else d
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 class FeatureNet(nn.Module):

@@ -10,7 +10,6 @@ each model on the test split when there is one, else on val, `plots/heads.csv` (
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.errors import run_main
-from pipeline.artifacts import atomic_path, read_json, write_json
+from pipeline.artifacts import read_json, write_csv, write_json
 from pipeline.data import ImageDataset, eval_transform
 from pipeline.features import read_split
 from pipeline.finetune import predict_logits
@@ -36,11 +35,8 @@ log = logging.getLogger("pipeline.evaluate")
 
 
 def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicted: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(("actual", "predicted"))
-            w.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted))
+    """One row per image, for DVC's confusion template."""
+    write_csv(path, ("actual", "predicted"), ((classes[a], classes[p]) for a, p in zip(labels, predicted)))
 
 
 def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, finetuned: Path | None,
@@ -102,10 +98,7 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
 
 def write_heads_csv(path: Path, ranking: list[dict]) -> None:
     """Val accuracy per head, for DVC's bar plot."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(("head", "val_accuracy"))
-        w.writerows((r["head"], f"{r['val_accuracy']:.6f}") for r in ranking)
+    write_csv(path, ("head", "val_accuracy"), ((r["head"], f"{r['val_accuracy']:.6f}") for r in ranking))
 
 
 def _plot_misclassified(path: Path, meta: dict, val_rows: list[dict], model: str, predicted: np.ndarray,

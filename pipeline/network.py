@@ -59,6 +59,5 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict
     body, _, _ = build_backbone(backbone, load_weights=False)
     net = TransferNet(body, build_head(meta["head"]), meta["head"]["pooling"])
     net.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
-    pre = Preprocess(**{**meta["preprocess"], "mean": tuple(meta["preprocess"]["mean"]),
-                        "std": tuple(meta["preprocess"]["std"])})
+    pre = Preprocess.from_dict(meta["preprocess"])
     return net.eval(), pre, meta

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.artifacts import atomic_path, read_json
+from pipeline.artifacts import read_json, write_csv
 from pipeline.backbone import Preprocess, build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.data import eval_transform, load_rgb
@@ -67,11 +66,6 @@ class _Files(Dataset):
             return torch.zeros(3, self.pre.size, self.pre.size), i, f"{type(exc).__name__}: {exc}"
 
 
-def _preprocess_from(meta: dict) -> Preprocess:
-    meta = json.loads(meta) if isinstance(meta, str) else meta
-    return Preprocess(**{**meta, "mean": tuple(meta["mean"]), "std": tuple(meta["std"])})
-
-
 def load_model(kind: str, models_dir: Path) -> tuple[torch.nn.Module, Preprocess, list[str], str]:
     """The network to predict with, its preprocessing, its classes and a description of it."""
     if kind == "finetune":
@@ -86,7 +80,7 @@ def load_model(kind: str, models_dir: Path) -> tuple[torch.nn.Module, Preprocess
     name = read_json(selected)["head"]
     head, spec = load_head(models_dir / "heads" / name)
     feats = spec["features"]
-    pre = _preprocess_from(feats["preprocess"])
+    pre = Preprocess.from_dict(feats["preprocess"])
     backbone = BackboneConfig(name=feats["backbone"], weights=feats.get("weights", "bundled"), image_size=pre.size)
     body, built_pre, sha = build_backbone(backbone)
     if sha != feats["weights_sha256"]:
@@ -116,12 +110,12 @@ def predict(net: torch.nn.Module, pre: Preprocess, classes: list[str], files: li
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+FIELDS = ("path", "predicted", "probability", "top_k", "error")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "predicted", "probability", "top_k", "error"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, FIELDS, ([r[k] for k in FIELDS] for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     net, pre, classes, what = load_model(args.model, args.models_dir)
     log.info("predict: %d files with the %s, %d px", len(files), what, pre.size)
     rows = predict(net, pre, classes, files, args.top_k, args.batch_size, args.workers, args.device)
-    write_csv(args.out, rows)
+    write_rows(args.out, rows)
     bad = [r for r in rows if r["error"]]
     out = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
     out.writeheader()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.artifacts import atomic_path, sha256_file, write_json
+from pipeline.artifacts import sha256_file, write_csv, write_json
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig, load_section
 from pipeline.data import BadImageError, load_rgb, set_max_image_pixels
 from pipeline.errors import PipelineError, run_main
@@ -321,14 +321,6 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
     return ScanResult(classes, entries, skipped, warnings, dup_counts)
 
 
-def _write_csv(path: Path, header: tuple[str, ...], rows) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(header)
-            w.writerows(rows)
-
-
 def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
     """Writes index.csv, skipped.csv, duplicates.csv and classes.json; each file appears atomically.
 
@@ -336,11 +328,11 @@ def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DE
     """
     classes, entries = result.classes, result.entries
     label = {c: i for i, c in enumerate(classes)}
-    _write_csv(out / "index.csv", INDEX_FIELDS,
+    write_csv(out / "index.csv", INDEX_FIELDS,
                ((i, e.path, e.cls, label[e.cls], e.split, e.sha256) for i, e in enumerate(entries)))
-    _write_csv(out / "skipped.csv", ("path", "reason"), result.skipped)
+    write_csv(out / "skipped.csv", ("path", "reason"), result.skipped)
     groups, _ = _duplicates(entries)
-    _write_csv(out / "duplicates.csv", DUPLICATE_FIELDS,
+    write_csv(out / "duplicates.csv", DUPLICATE_FIELDS,
                ((sha, e.path, e.cls, e.split) for sha in sorted(groups)
                 for e in sorted(groups[sha], key=lambda e: (SPLITS.index(e.split), e.path))))
     counts = {s: {c: sum(1 for e in entries if e.split == s and e.cls == c) for c in classes}
