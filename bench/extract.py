@@ -96,7 +96,7 @@ def cycled(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
 
 def write_index(folder: Path, root: Path, classes: list[str], samples: list[tuple[str, int]]) -> Path:
     """The two files `pipeline.prepare.read_index` reads, for exactly these samples (all in split 'train')."""
-    from pipeline.prepare import INDEX_FIELDS
+    from pipeline.core.dataset import INDEX_FIELDS
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "index.csv", "w", newline="") as f:
@@ -130,8 +130,8 @@ def child_textbook(a: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.backbone import build_backbone, pool_avg_max
-    from pipeline.config import BackboneConfig
+    from pipeline.core.backbone import build_backbone, pool_avg_max
+    from pipeline.infra.config import BackboneConfig
 
     device = torch.device(a.device)
     net, pre, _ = build_backbone(BackboneConfig(name=a.model, weights="bundled", image_size=a.image_size))
@@ -154,8 +154,8 @@ def child_textbook(a: argparse.Namespace) -> dict:
 
 
 def child_pipeline(a: argparse.Namespace) -> dict:
-    from pipeline.config import BackboneConfig, ExtractConfig
-    from pipeline.extract import extract_features
+    from pipeline.core.extraction import extract_features
+    from pipeline.infra.config import BackboneConfig, ExtractConfig
 
     out = Path(a.out)
     summary = extract_features(Path(a.index), out, BackboneConfig(name=a.model, weights="bundled",
@@ -171,7 +171,7 @@ def child_parts(a: argparse.Namespace) -> dict:
     """The pipeline's parts alone: input path (workers), input + device preprocessing, model on ready tensors."""
     import torch
 
-    from pipeline.runtime import retained_heap
+    from pipeline.infra.runtime import retained_heap
 
     with retained_heap(enabled=torch.device(a.device).type == "cpu"):  # as extract_features runs them
         return _parts(a)
@@ -180,12 +180,12 @@ def child_parts(a: argparse.Namespace) -> dict:
 def _parts(a: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.backbone import build_backbone
-    from pipeline.config import BackboneConfig
-    from pipeline.extract import forward_pooled
-    from pipeline.loader import DeviceInput, ExtractDataset, make_loader
-    from pipeline.prepare import read_index
-    from pipeline.runtime import set_deterministic
+    from pipeline.core.backbone import build_backbone
+    from pipeline.core.dataset import read_index
+    from pipeline.core.extraction import forward_pooled
+    from pipeline.core.loader import DeviceInput, ExtractDataset, make_loader
+    from pipeline.infra.config import BackboneConfig
+    from pipeline.infra.runtime import set_deterministic
 
     set_deterministic()
     device = torch.device(a.device)

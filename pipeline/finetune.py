@@ -13,212 +13,17 @@ head it started from. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
-
-from pipeline.artifacts import read_json, write_json
-from pipeline.config import BackboneConfig, FinetuneConfig, load_section, to_dict
-from pipeline.data import ImageDataset, eval_transform, train_transform
-from pipeline.distributed import all_reduce_sum, process_group
-from pipeline.errors import PipelineError, run_main
-from pipeline.features import read_split, verify_features
-from pipeline.heads import build_head, check_head_features, head_logits, load_head, split_metrics
-from pipeline.network import TransferNet, save_checkpoint, warm_started
-from pipeline.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
-from pipeline.prepare import read_index
-from pipeline.runtime import (progress_disabled, resolve_device, retained_heap, seed_everything, set_deterministic,
-                              setup_logging)
-
-log = logging.getLogger("pipeline.finetune")
-
-
-class ParityError(PipelineError, RuntimeError):
-    """The warm-started network does not reproduce the head it was built from."""
-
-
-@torch.no_grad()
-def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval") -> np.ndarray:
-    net.eval()
-    out = []
-    for images, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=progress_disabled()):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        out.append(net(images).float().cpu())
-    return torch.cat(out).numpy()  # one concatenation at the end, not one per batch
-
-
-def check_parity(net_logits: np.ndarray, head_logits_: np.ndarray, atol: float, max_flips: float) -> dict:
-    """Compares the network's val logits with the head's; raises ParityError beyond the tolerances."""
-    diff = float(np.abs(net_logits - head_logits_).max())
-    flips = float((net_logits.argmax(1) != head_logits_.argmax(1)).mean())
-    report = {"max_abs_logit_diff": diff, "argmax_flip_fraction": flips, "atol": atol, "max_flips": max_flips}
-    if diff > atol or flips > max_flips:
-        raise ParityError(
-            f"warm start does not reproduce the head on val: max |logit difference| {diff:.3g} (allowed {atol:g}), "
-            f"argmax differs on {flips:.2%} of images (allowed {max_flips:.2%}). The features file, the "
-            "preprocessing or the backbone differ from what the head was fitted on: rerun `dvc repro`, or raise "
-            "finetune.parity_atol if extraction used bf16/float16.")
-    return report
-
-
-def _live(live_dir: Path | None, is_main: bool):
-    """DVCLive logger on rank 0 (None elsewhere): no timestamps and no dvc.yaml edits, so runs stay reproducible."""
-    if live_dir is None or not is_main:
-        return None
-    from dvclive import Live
-
-    return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-
-
-def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
-             start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
-             ddp: bool = False) -> tuple[dict, list[dict], dict]:
-    """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record."""
-    set_trainable(net, cfg, cfg.freeze_epochs + 1)  # DDP must see every parameter that trains in any phase
-    opt = make_optimizer(net, cfg)
-    sched = make_scheduler(opt, cfg, len(train_loader))
-    model: nn.Module = net
-    if ddp:
-        model = DistributedDataParallel(net, find_unused_parameters=cfg.freeze_epochs > 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    start = split_metrics(start_logits, val_labels)
-    best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
-    best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": start["accuracy"],
-                "val_loss": start["loss"]}]
-    if live is not None:
-        live.log_metric("val/accuracy", start["accuracy"])
-        live.log_metric("val/loss", start["loss"])
-        live.next_step()
-    for epoch in range(1, cfg.epochs + 1):
-        train_loader.dataset.set_epoch(epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        set_trainable(net, cfg, epoch)
-        model.train()
-        apply_bn_mode(net.body, cfg.bn)
-        total, correct, seen = 0.0, 0.0, 0.0
-        for images, labels, _ in tqdm(train_loader, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch",
-                                      disable=progress_disabled()):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(labels)
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        total, correct, seen = all_reduce_sum([total, correct, seen], device)
-        val = split_metrics(predict_logits(net, val_loader, device, "val"), val_labels)
-        record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen,
-                  "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
-        history.append(record)
-        if live is not None:
-            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-                live.log_metric(key.replace("_", "/", 1), record[key])
-            live.next_step()
-        log.info("finetune: epoch %d/%d train loss %.4f acc %.4f, val loss %.4f acc %.4f", epoch, cfg.epochs,
-                 record["train_loss"], record["train_accuracy"], val["loss"], val["accuracy"])
-        if (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"]):
-            best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
-            log.info("finetune: early stop after epoch %d (best epoch %d)", epoch, best["epoch"])
-            break
-    return best_state, history, best
-
-
-def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected: Path, out: Path,
-        metrics_path: Path, live_dir: Path | None = None) -> dict:
-    """The stage: warm start, parity check, training, checkpoint and metrics; returns the metrics."""
-    cfg: FinetuneConfig = load_section("finetune", params)
-    backbone: BackboneConfig = load_section("backbone", params)
-    # Refuse stale inputs before any work: features made with other params or another index, or a head fitted on
-    # other features, would train (and be compared in the parity check) against the wrong thing.
-    attrs = verify_features(features, backbone, load_section("extract", params), index_dir)
-    set_deterministic()
-    device = resolve_device(cfg.device)
-    with process_group(device) as (rank, barrier):
-        gen = seed_everything(cfg.seed)
-        choice = read_json(selected)
-        head, spec = load_head(heads_dir / choice["head"])
-        check_head_features(heads_dir / choice["head"], spec, attrs, features)
-        net, pre = warm_started(backbone, head, spec)
-        if not cfg.warm_start:  # the LP-FT comparison: same budget and seed, randomly initialised head
-            torch.manual_seed(cfg.seed)
-            net.head = build_head(spec)
-        if cfg.sync_bn and rank.world_size > 1 and device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = net.to(device, memory_format=torch.channels_last)
-        rows, meta = read_index(index_dir)
-        root = Path(meta["source"])
-        train_rows = [r for r in rows if r["split"] == "train"]
-        val_rows = [r for r in rows if r["split"] == "val"]
-        loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-        val_loader = DataLoader(ImageDataset(root, val_rows, eval_transform(pre)), shuffle=False, **loader_args)
-        train_set = ImageDataset(root, train_rows, train_transform(pre, cfg.crop_scale, cfg.hflip), seed=cfg.seed)
-        drop_last = len(train_rows) > cfg.batch_size * rank.world_size
-        sampler = (DistributedSampler(train_set, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed,
-                                      drop_last=drop_last) if rank.world_size > 1 else None)
-        train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
-                                  generator=gen, **loader_args)
-        t0 = time.perf_counter()
-        start_logits = predict_logits(net, val_loader, device, "parity")
-        parity = None
-        if cfg.warm_start:
-            val_feats = read_split(features, "val")
-            parity = check_parity(start_logits, head_logits(head, spec, val_feats), cfg.parity_atol,
-                                  cfg.parity_max_flips)
-            log.info("finetune: warm start reproduces %s on val (max |logit diff| %.2e, %.2f%% argmax flips)",
-                     choice["head"], parity["max_abs_logit_diff"], 100 * parity["argmax_flip_fraction"])
-        val_labels = np.array([int(r["label"]) for r in val_rows])
-        live = _live(live_dir, rank.is_main)
-        with retained_heap(enabled=device.type == "cpu"):  # 2x on CPU: no page faults for activations
-            best_state, history, best = finetune(net, train_loader, val_loader, val_labels, start_logits, cfg,
-                                                 device, live, ddp=rank.world_size > 1)
-        if live is not None:
-            live.end()
-        metrics = {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],
-                   "start_val": {"accuracy": history[0]["val_accuracy"], "loss": history[0]["val_loss"]},
-                   "warm_start": cfg.warm_start}
-        if rank.is_main:
-            net.load_state_dict(best_state)
-            save_checkpoint(out, net.cpu(), backbone, spec, pre,
-                            {"finetune": to_dict(cfg), "warm_start": choice["head"] if cfg.warm_start else None,
-                             "best_epoch": best["epoch"], "history": history, "parity": parity,
-                             "world_size": rank.world_size})
-            write_json(metrics_path, metrics)
-            log.info("finetune: best epoch %d, val accuracy %.4f (start %.4f), %.1f s", best["epoch"],
-                     best["val_accuracy"], history[0]["val_accuracy"], time.perf_counter() - t0)
-        barrier()  # the other ranks wait for rank 0's files before the group goes away
-    return metrics
+from pipeline.core.training import run_finetune
+from pipeline.infra.config import load_section
+from pipeline.infra.runner import run_main, stage_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.finetune", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Params (section finetune): epochs, lr, body_lr_ratio, layer_decay, weight_decay, schedule, "
-               "warmup_epochs, freeze_epochs, patience, batch_size, bn, hflip, crop_scale, clip_grad_norm, precision, "
-               "sync_bn, warm_start, seed, parity_atol, parity_max_flips (change the result); workers, device "
-               "(speed only); and backbone.*. Outputs: the checkpoint folder (model.safetensors + model.json), the "
-               "metrics JSON, and DVCLive curves.")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser = stage_parser("python -m pipeline.finetune", __doc__, ("finetune", "backbone"),
+                          epilog="Outputs: the checkpoint folder (model.safetensors + model.json), the metrics JSON, "
+                                 "and DVCLive curves.")
     parser.add_argument("--index", type=Path, default=Path("data/prepared"), help="prepare's output folder")
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"), help="extract's features file")
     parser.add_argument("--heads-dir", type=Path, default=Path("models/heads"), help="folder of fitted heads")
@@ -228,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, default=Path("dvclive/finetune"),
                         help="DVCLive folder for per-epoch curves; 'none' to disable (default: %(default)s)")
     args = parser.parse_args(argv)
-    setup_logging()
     live = None if str(args.live) == "none" else args.live
-    run(args.params, args.index, args.features, args.heads_dir, args.selected, args.out, args.metrics, live)
+    run_finetune(load_section("finetune", args.params), load_section("backbone", args.params),
+                 load_section("extract", args.params), args.index, args.features, args.heads_dir, args.selected,
+                 args.out, args.metrics, live)
 
 
 if __name__ == "__main__":

@@ -10,121 +10,23 @@ stopping the run.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import sys
 from pathlib import Path
-from typing import Iterable
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from pipeline.artifacts import read_json, write_csv
-from pipeline.backbone import Preprocess, build_backbone
-from pipeline.config import BackboneConfig
-from pipeline.data import eval_transform, load_rgb
-from pipeline.errors import PipelineError, run_main
-from pipeline.heads import load_head
-from pipeline.network import TransferNet, load_checkpoint
-from pipeline.prepare import IMAGE_EXTENSIONS
-from pipeline.runtime import progress_disabled, resolve_device, setup_logging
+from pipeline.core.prediction import collect_files, load_model, predict, write_rows
+from pipeline.infra.runner import run_main, stage_parser
 
 log = logging.getLogger("pipeline.predict")
 
 
-def collect_files(paths: Iterable[Path | str]) -> list[Path]:
-    """Files named directly (whatever their extension), and image files under folders, in sorted order."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                            and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise PipelineError(f"'{p}' does not exist; give image files or folders of images")
-    if not files:
-        raise PipelineError("no image files found in the given paths")
-    return files
-
-
-class _Files(Dataset):
-    """(image tensor, position, error): a bad file yields a blank tensor and its error text, never an exception."""
-
-    def __init__(self, files: list[Path], pre: Preprocess):
-        self.files, self.pre, self.transform = files, pre, eval_transform(pre)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        try:
-            return self.transform(load_rgb(self.files[i])), i, ""
-        except Exception as exc:  # any decoding failure is reported on this file's row
-            return torch.zeros(3, self.pre.size, self.pre.size), i, f"{type(exc).__name__}: {exc}"
-
-
-def load_model(kind: str, models_dir: Path) -> tuple[torch.nn.Module, Preprocess, list[str], str]:
-    """The network to predict with, its preprocessing, its classes and a description of it."""
-    if kind == "finetune":
-        ckpt = models_dir / "finetune"
-        if not (ckpt / "model.json").is_file():
-            raise PipelineError(f"no fine-tuned model in {ckpt}; run `dvc repro` first, or use --model head")
-        net, pre, meta = load_checkpoint(ckpt)
-        return net, pre, meta["classes"], f"fine-tuned model ({ckpt}, warm-started from {meta['warm_start']})"
-    selected = models_dir / "selected.json"
-    if not selected.is_file():
-        raise PipelineError(f"{selected} not found; run `dvc repro select` first")
-    name = read_json(selected)["head"]
-    head, spec = load_head(models_dir / "heads" / name)
-    feats = spec["features"]
-    pre = Preprocess.from_dict(feats["preprocess"])
-    backbone = BackboneConfig(name=feats["backbone"], weights=feats.get("weights", "bundled"), image_size=pre.size)
-    body, built_pre, sha = build_backbone(backbone)
-    if sha != feats["weights_sha256"]:
-        raise PipelineError(f"the backbone weights ({backbone.weights}) are not those the head '{name}' was fitted "
-                            f"on (sha256 {sha[:12]} vs {feats['weights_sha256'][:12]}); rerun `dvc repro`")
-    return TransferNet(body, head, spec["pooling"]).eval(), pre, spec["classes"], f"head '{name}' on {feats['backbone']}"
-
-
-@torch.no_grad()
-def predict(net: torch.nn.Module, pre: Preprocess, classes: list[str], files: list[Path], top_k: int = 3,
-            batch_size: int = 32, workers: int = 0, device: str = "auto") -> list[dict]:
-    """One row per file: path, predicted class and probability, the top-k classes, and an error text if unreadable."""
-    dev = resolve_device(device)
-    net = net.to(dev, memory_format=torch.channels_last).eval()
-    k = min(top_k, len(classes))
-    rows: list[dict] = [{} for _ in files]
-    loader = DataLoader(_Files(files, pre), batch_size=batch_size, num_workers=workers)
-    for images, positions, errors in tqdm(loader, desc="predict", unit="batch", disable=progress_disabled()):
-        probs = torch.softmax(net(images.to(dev).contiguous(memory_format=torch.channels_last)).float(), 1).cpu()
-        top_p, top_i = probs.topk(k, dim=1)
-        for p, i, pos, err in zip(top_p.tolist(), top_i.tolist(), positions.tolist(), errors):
-            row = {"path": str(files[pos]), "predicted": "", "probability": "", "top_k": "", "error": err}
-            if not err:
-                row.update(predicted=classes[i[0]], probability=f"{p[0]:.4f}",
-                           top_k=";".join(f"{classes[c]}:{q:.4f}" for c, q in zip(i, p)))
-            rows[pos] = row
-    return rows
-
-
-FIELDS = ("path", "predicted", "probability", "top_k", "error")
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(path, FIELDS, ([r[k] for k in FIELDS] for r in rows))
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.predict", description=__doc__,
+    parser = stage_parser(
+        "python -m pipeline.predict", __doc__, params=False,
         epilog="Inputs: models/finetune (model.safetensors + model.json) or models/selected.json + models/heads/<head>."
                " Output: a CSV (path, predicted, probability, top_k, error) and the same rows on stdout."
-               " Reads no params.yaml: everything comes from the saved models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               " Reads no params.yaml: everything comes from the saved models.")
     parser.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", choices=("finetune", "head"), default="finetune",
                         help="the fine-tuned network, or the selected head on the frozen backbone (default: %(default)s)")
@@ -135,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     args = parser.parse_args(argv)
-    setup_logging()
     files = collect_files(args.paths)
     net, pre, classes, what = load_model(args.model, args.models_dir)
     log.info("predict: %d files with the %s, %d px", len(files), what, pre.size)

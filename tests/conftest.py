@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,7 @@ TINY = dict(
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> dict[str, Path]:
     """prepare + extract, through the stages' own entry points, on 3 digit classes x 16 images at 32 px."""
-    from pipeline import extract, prepare
+    from pipeline import extract, prepare  # the stages' own entry points
 
     root = tmp_path_factory.mktemp("tiny")
     digits = write_digit_folder(root / "digits", classes=3, per_class=16)
@@ -128,3 +128,21 @@ def make_dvc_repo(root: Path, **sections: dict) -> Path:
     run_cmd(["git", "add", "-A"], root)
     run_cmd(["git", "commit", "-qm", "pipeline"], root)
     return root
+
+
+def finetune_run(params: Path, index: Path, features: Path, heads_dir: Path, selected: Path, out: Path,
+                 metrics: Path, live: Path | None = None) -> dict:
+    """The fine-tune stage's work with the sections of `params` (what `python -m pipeline.finetune` does)."""
+    from pipeline.core.training import run_finetune
+    from pipeline.infra.config import load_section
+
+    return run_finetune(load_section("finetune", params), load_section("backbone", params),
+                        load_section("extract", params), index, features, heads_dir, selected, out, metrics, live)
+
+
+@pytest.fixture(autouse=True)
+def _pipeline_info_logs(caplog):
+    """The stages' INFO lines (counts, choices) are part of what tests check; `run_main` sets this up for real runs."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pipeline")

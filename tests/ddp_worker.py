@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.config import load_section
-from pipeline.data import ImageDataset, eval_transform, train_transform
-from pipeline.distributed import process_group
-from pipeline.finetune import finetune
-from pipeline.heads import load_head
-from pipeline.network import warm_started
-from pipeline.prepare import read_index
-from pipeline.runtime import seed_everything, set_deterministic
+from pipeline.core.dataset import read_index
+from pipeline.core.heads import load_head
+from pipeline.core.images import ImageDataset, eval_transform, train_transform
+from pipeline.core.network import warm_started
+from pipeline.core.training import finetune
+from pipeline.infra.config import load_section
+from pipeline.infra.distributed import process_group
+from pipeline.infra.runtime import seed_everything, set_deterministic
 
 
 def main(params: Path, index: Path, head_dir: Path, out: Path) -> None:

@@ -8,9 +8,9 @@ import timm
 import torch
 import torchvision
 
-from pipeline.backbone import WeightsError, build_backbone, imagenet_classifier, pool_avg_max
-from pipeline.config import BackboneConfig
-from pipeline.data import eval_transform, load_rgb
+from pipeline.core.backbone import WeightsError, build_backbone, imagenet_classifier, pool_avg_max
+from pipeline.core.images import eval_transform, load_rgb
+from pipeline.infra.config import BackboneConfig
 
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
 

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HYMENOPTERA, write_digit_folder
 from PIL import Image
 
-from conftest import HYMENOPTERA, write_digit_folder
-from pipeline.backbone import Preprocess
-from pipeline.data import (BadImageError, ImageDataset, eval_transform, load_rgb, max_image_pixels,
-                           set_max_image_pixels)
-from pipeline.errors import PipelineError
+from pipeline.core.backbone import Preprocess
+from pipeline.core.images import (
+    BadImageError,
+    ImageDataset,
+    eval_transform,
+    load_rgb,
+    max_image_pixels,
+    set_max_image_pixels,
+)
+from pipeline.infra.errors import PipelineError
 
 PRE = Preprocess(size=32, resize=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 

@@ -1,7 +1,6 @@
 """torchrun on CPU (gloo, 2 processes): DDP fine-tuning keeps the ranks' parameters identical."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, dvc_env
 from safetensors.torch import load_file
 
-from conftest import REPO, dvc_env
-from pipeline.config import load_section
-from pipeline.heads import fit_head, save_head
-from pipeline.prepare import read_index
+from pipeline.core.dataset import read_index
+from pipeline.core.heads import fit_head, save_head
+from pipeline.infra.config import load_section
 
 pytestmark = pytest.mark.slow
 

@@ -17,16 +17,23 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, copy_hymenoptera_slice, write_digit_folder, write_params
 from PIL import Image
 
-from conftest import REPO, copy_hymenoptera_slice, write_digit_folder, write_params
-from pipeline import extract as ex
-from pipeline.backbone import build_backbone, pool_avg_max
-from pipeline.config import BackboneConfig, ConfigError, ExtractConfig, load_section
-from pipeline.data import eval_transform, load_rgb
-from pipeline.loader import (DeviceInput, ExtractDataset, apply_orientation, collate, decode_jpegs,
-                             jpeg_orientation, make_loader)
-from pipeline.prepare import read_index
+from pipeline.core import extraction as ex
+from pipeline.core.backbone import build_backbone, pool_avg_max
+from pipeline.core.dataset import read_index
+from pipeline.core.images import eval_transform, load_rgb
+from pipeline.core.loader import (
+    DeviceInput,
+    ExtractDataset,
+    apply_orientation,
+    collate,
+    decode_jpegs,
+    jpeg_orientation,
+    make_loader,
+)
+from pipeline.infra.config import BackboneConfig, ConfigError, ExtractConfig, load_section
 
 BB32 = BackboneConfig(image_size=32)
 

@@ -3,22 +3,22 @@ from the head's accuracy, not from chance."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import finetune_run
 
-from pipeline.artifacts import read_json, write_json
-from pipeline.config import load_section
-from pipeline.errors import PipelineError
-from pipeline.config import FinetuneConfig
-from pipeline.finetune import ParityError, check_parity, run
-from pipeline.optim import apply_bn_mode, lr_factor, make_optimizer, set_trainable
-from pipeline.heads import fit_head, save_head
-from pipeline.network import load_checkpoint
-from pipeline.select import select_head
+from pipeline.core.heads import fit_head, save_head
+from pipeline.core.network import load_checkpoint
+from pipeline.core.optim import apply_bn_mode, lr_factor, make_optimizer, set_trainable
+from pipeline.core.selection import select_head
+from pipeline.core.training import ParityError, check_parity
+from pipeline.infra.artifacts import read_json, write_json
+from pipeline.infra.config import FinetuneConfig, load_section
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_discriminative_learning_rates():
 @pytest.mark.parametrize("head", ["logreg", "mlp"])
 def test_warm_start_reproduces_head_then_never_loses_to_it(fitted, tmp_path, head):
     selected = _select(fitted, tmp_path, head)
-    metrics = run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
+    metrics = finetune_run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
                   tmp_path / "model", tmp_path / "finetune.json")
     # epoch 0 is the warm start: the head's own val accuracy (LP-FT starts there, not from chance)
     assert metrics["start_val"]["accuracy"] == pytest.approx(fitted["metrics"][head]["val"]["accuracy"])
@@ -140,24 +140,29 @@ def test_warm_start_reproduces_head_then_never_loses_to_it(fitted, tmp_path, hea
 
 
 def test_parity_failure_stops_before_training(fitted, tmp_path):
-    """Features from another image size do not fit the head: the stage must refuse, not train."""
+    """Cached features that the network does not reproduce (same fingerprint, other numbers: what a head fitted on
+    a damaged or foreign cache would see) stop the stage at the parity check, before any training step."""
+    import h5py
+
+    features = tmp_path / "features.h5"
+    shutil.copy(fitted["features"], features)
+    with h5py.File(features, "r+") as f:  # the fingerprint attributes stay: only the parity check can catch this
+        f["val/avg"][...] = f["val/avg"][...] * 3.0 + 1.0
     selected = _select(fitted, tmp_path, "logreg")
-    params = tmp_path / "params.yaml"
-    params.write_text(fitted["params"].read_text().replace("image_size: 32", "image_size: 48"))
-    with pytest.raises(PipelineError):  # the features fingerprint check or, failing that, the parity check
-        run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "model",
-            tmp_path / "finetune.json")
-    assert not (tmp_path / "model").exists()
+    with pytest.raises(ParityError, match="warm start does not reproduce the head on val"):
+        finetune_run(fitted["params"], fitted["index"], features, fitted["heads"], selected, tmp_path / "model",
+                     tmp_path / "finetune.json")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "finetune.json").exists()
 
 
 def test_same_seed_same_result(fitted, tmp_path):
     """Deterministic mode, same seed, same machine: two runs give identical metrics and identical weights."""
-    from pipeline.artifacts import sha256_file
+    from pipeline.infra.artifacts import sha256_file
 
     selected = _select(fitted, tmp_path, "mlp")
     runs = []
     for i in range(2):
-        metrics = run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
+        metrics = finetune_run(fitted["params"], fitted["index"], fitted["features"], fitted["heads"], selected,
                       tmp_path / f"model{i}", tmp_path / f"finetune{i}.json", tmp_path / f"live{i}")
         runs.append((metrics, sha256_file(tmp_path / f"model{i}" / "model.safetensors")))
     assert runs[0] == runs[1]
@@ -170,7 +175,7 @@ def test_random_head_starts_from_chance(fitted, tmp_path):
     """warm_start: false (the LP-FT comparison) starts near chance; the warm start starts at the head's accuracy."""
     selected = _select(fitted, tmp_path, "logreg")
     params = _override(fitted["params"], tmp_path / "params.yaml", warm_start=False, epochs=0)
-    metrics = run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
+    metrics = finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
                   tmp_path / "f.json")
     assert metrics["warm_start"] is False
     assert metrics["start_val"]["accuracy"] < fitted["metrics"]["logreg"]["val"]["accuracy"]

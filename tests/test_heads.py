@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pipeline.config import HeadsConfig, load_section
-from pipeline.features import read_split
-from pipeline.heads import fit_head, head_logits, load_head, save_head, split_metrics
-from pipeline.mlp import MlpHead
-from pipeline.select import select_head
+from pipeline.core.features import read_split
+from pipeline.core.heads import fit_head, head_logits, load_head, save_head
+from pipeline.core.heads.mlp import MlpHead
+from pipeline.core.metrics import split_metrics
+from pipeline.core.selection import select_head
+from pipeline.infra.config import load_section
 
 
 def test_split_metrics_closed_form():
@@ -59,3 +59,11 @@ def test_select_prefers_accuracy_then_loss():
     metrics["logreg"]["val"]["accuracy"] = 0.95
     choice = select_head(metrics)
     assert choice["head"] == "logreg" and "0.95" in choice["reason"]
+
+
+def test_mlp_head_has_fastais_dropout_layout():
+    """fastai's create_head: every dropout at half the rate except the last one, before the classifier."""
+    rates = lambda m: [layer.p for layer in m if isinstance(layer, torch.nn.Dropout)]  # noqa: E731
+    assert rates(MlpHead(8, 3, [16, 16], dropout=0.5)) == [0.25, 0.25, 0.5]
+    assert rates(MlpHead(8, 3, [16], dropout=0.5)) == [0.25, 0.5]
+    assert rates(MlpHead(8, 3, [], dropout=0.5)) == [0.5]

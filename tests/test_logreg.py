@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.config import LogregConfig
-from pipeline.logreg import fit_logreg, fold_scaler_into_linear, linear_from_pipeline
+from pipeline.core.heads.logreg import fit_logreg, fold_scaler_into_linear, linear_from_pipeline
+from pipeline.infra.config import LogregConfig
 
 
 def _digits(classes: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, dvc, make_dvc_repo, write_digit_folder
 
 pytestmark = pytest.mark.slow

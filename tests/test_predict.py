@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dvc_env, finetune_run
 
-from conftest import dvc_env
-from pipeline.artifacts import write_json
-from pipeline.config import load_section
-from pipeline.features import read_split
-from pipeline.finetune import run
-from pipeline.heads import fit_head, head_logits, save_head
-from pipeline.prepare import read_index
-from pipeline.select import select_head
+from pipeline.core.dataset import read_index
+from pipeline.core.features import read_split
+from pipeline.core.heads import fit_head, head_logits, save_head
+from pipeline.core.selection import select_head
+from pipeline.infra.artifacts import write_json
+from pipeline.infra.config import load_section
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def models(tiny_cache, tmp_path_factory) -> Path:
         module, spec, metrics[name] = fit_head(name, tiny_cache["features"], getattr(heads, name))
         save_head(out / "heads" / name, module, spec)
     write_json(out / "selected.json", select_head(metrics))
-    run(tiny_cache["params"], tiny_cache["index"], tiny_cache["features"], out / "heads", out / "selected.json",
+    finetune_run(tiny_cache["params"], tiny_cache["index"], tiny_cache["features"], out / "heads", out / "selected.json",
         out / "finetune", out / "finetune.json")
     return out
 
@@ -60,7 +59,7 @@ def test_predict_folder_with_a_bad_file(tiny_cache, models, tmp_path, model):
     assert all(len(g["top_k"].split(";")) == 2 and float(g["probability"]) > 0 for g in good)
     if model == "head":
         # the image route must reproduce the head's predictions from the cached features
-        from pipeline.heads import load_head
+        from pipeline.core.heads import load_head
 
         name = json.loads((models / "selected.json").read_text())["head"]
         module, spec = load_head(models / "heads" / name)

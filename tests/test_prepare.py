@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HYMENOPTERA, REPO, write_digit_folder, write_params
 from PIL import Image
 
-from conftest import HYMENOPTERA, REPO, write_digit_folder, write_params
 from pipeline import prepare
-from pipeline.backbone import Preprocess
-from pipeline.data import ImageDataset, eval_transform
-from pipeline.prepare import DataSourceError
+from pipeline.core.backbone import Preprocess
+from pipeline.core.dataset import DataSourceError
+from pipeline.core.images import ImageDataset, eval_transform
 
 PRE = Preprocess(size=32, resize=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 
@@ -105,7 +105,7 @@ def _build_messy(tmp_path: Path) -> Path:
     return root
 
 
-def test_messy_folder(tmp_path, capsys):
+def test_messy_folder(tmp_path, caplog):
     root = _build_messy(tmp_path)
     out, meta = _run(tmp_path, root, max_image_pixels=5000)
     skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
@@ -129,7 +129,7 @@ def test_messy_folder(tmp_path, capsys):
     assert meta["classes"] == ["0", "1", "2", "ünï cls"]
     assert len(rows) == 10 + 19 + 11 + 8  # digits + odd images + link + the non-ASCII class
     assert any("empty_class" in w for w in meta["warnings"])
-    log_text = capsys.readouterr().err
+    log_text = caplog.text
     assert f"{len(expected)} files skipped" in log_text
     assert "12 files cannot be used and were skipped" in log_text and "0/corrupt.jpg (" in log_text
     assert "class folders with no usable images, left out: empty_class" in log_text
@@ -161,11 +161,11 @@ def _split_tree(tmp_path: Path, train: list[int], val: list[int]) -> Path:
     return root
 
 
-def test_class_absent_from_val_is_a_warning(tmp_path, capsys):
+def test_class_absent_from_val_is_a_warning(tmp_path, caplog):
     root = _split_tree(tmp_path, train=[0, 1, 2], val=[0, 1])
     _, meta = _run(tmp_path, root)
     assert meta["classes"] == ["0", "1", "2"] and meta["counts"]["val"]["2"] == 0
-    assert "classes absent from val (their val accuracy is not measured): 2" in capsys.readouterr().err
+    assert "classes absent from val (their val accuracy is not measured): 2" in caplog.text
     assert any("absent from val" in w for w in meta["warnings"])
 
 
@@ -182,7 +182,7 @@ def test_single_class_is_an_error(tmp_path):
         _run(tmp_path, root)
 
 
-def test_duplicates_across_splits_warn_with_count(tmp_path, capsys):
+def test_duplicates_across_splits_warn_with_count(tmp_path, caplog):
     root = _split_tree(tmp_path, train=[0, 1], val=[0, 1])
     train0 = sorted((root / "train" / "0").iterdir())
     shutil.copy2(train0[0], root / "val" / "0" / "copy a.png")
@@ -190,7 +190,7 @@ def test_duplicates_across_splits_warn_with_count(tmp_path, capsys):
     shutil.copy2(train0[2], root / "val" / "1" / "copy c.png")  # same bytes, other class
     shutil.copy2(train0[3], root / "train" / "0" / "again.png")  # within train: no leakage
     out, meta = _run(tmp_path, root)
-    log_text = capsys.readouterr().err
+    log_text = caplog.text
     assert meta["duplicates"] == {"across_splits": 3, "within_split": 1, "label_conflicts": 1}
     assert "possible leakage: 3 val/test images are byte-identical to images in an earlier split" in log_text
     assert "1 groups of byte-identical images carry different classes" in log_text

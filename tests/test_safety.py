@@ -18,17 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY, dvc, dvc_env, finetune_run, make_dvc_repo, write_digit_folder, write_params
 
-from conftest import REPO, TINY, dvc, dvc_env, make_dvc_repo, write_digit_folder, write_params
 from pipeline import extract, heads
-from pipeline.artifacts import read_json, write_json
-from pipeline.backbone import WeightsError, build_backbone
-from pipeline.config import BackboneConfig, load_section
-from pipeline.features import FeaturesFileError, StaleFeaturesError, read_attrs, read_split
-from pipeline.finetune import run as finetune_run
-from pipeline.heads import HeadFileError, fit_head, load_head, save_head
-from pipeline.network import load_checkpoint
-from pipeline.select import select_head
+from pipeline.core.backbone import WeightsError, build_backbone
+from pipeline.core.features import FeaturesFileError, StaleFeaturesError, read_attrs, read_split
+from pipeline.core.heads import HeadFileError, fit_head, load_head, save_head
+from pipeline.core.network import CheckpointFileError, load_checkpoint
+from pipeline.core.selection import select_head
+from pipeline.infra.artifacts import read_json, write_json
+from pipeline.infra.config import BackboneConfig, load_section
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -89,8 +88,8 @@ def test_crafted_pickle_in_place_of_a_head_or_checkpoint_is_refused(tmp_path, ma
         "head": {"head": "logreg", "in_features": 1280, "num_classes": 2, "pooling": "avg"},
         "preprocess": {"size": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}})
     _crafted_pickle(ckpt / "model.safetensors", marker, "torch")
-    with pytest.raises(Exception):  # safetensors cannot even parse it: nothing is unpickled
-        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointFileError, match="does not hold a model the finetune stage wrote"):
+        load_checkpoint(ckpt)  # safetensors cannot even parse it: nothing is unpickled
     assert not marker.exists()
 
 
@@ -148,7 +147,7 @@ def test_killed_writer_never_leaves_a_partial_file(tmp_path):
     """SIGKILL in the middle of an atomic write: the old file stays whole, and the next write clears the leftover."""
     target = tmp_path / "metrics.json"
     write_json(target, {"version": 1})
-    code = ("import sys, time\nfrom pipeline.artifacts import atomic_path\n"
+    code = ("import sys, time\nfrom pipeline.infra.artifacts import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('{\"version\": 2, \"trunc')\n"
             "    print('writing', flush=True)\n    time.sleep(60)\n")
     writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True,
@@ -182,7 +181,7 @@ def test_hdf5_lock_conflict_names_the_environment_variable(tiny_cache, tmp_path)
         with pytest.raises(FeaturesFileError, match="HDF5_USE_FILE_LOCKING=FALSE"):
             read_split(features, "train")
         # the advice works: with locking off the same read succeeds while the writer still holds the file
-        proc = subprocess.run([sys.executable, "-c", "from pipeline.features import read_attrs\n"
+        proc = subprocess.run([sys.executable, "-c", "from pipeline.core.features import read_attrs\n"
                                f"print(read_attrs({str(features)!r})['backbone'])"],
                               env={**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "FALSE"},
                               capture_output=True, text=True)

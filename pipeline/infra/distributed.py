@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import DistInfo, dist_info
+from pipeline.infra.runtime import DistInfo, dist_info
 
 
 @contextlib.contextmanager

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import MlpConfig
-from pipeline.runtime import progress_disabled, seed_everything, set_deterministic
+from pipeline.infra.config import MlpConfig
+from pipeline.infra.runtime import progress_disabled, seed_everything, set_deterministic
 
 log = logging.getLogger("pipeline.mlp")
 
@@ -23,17 +23,16 @@ log = logging.getLogger("pipeline.mlp")
 class MlpHead(nn.Sequential):
     """[BN -> Dropout -> Linear -> ReLU] per hidden size, then BN -> Dropout -> Linear to the classes.
 
-    The first dropout is half the rate of the others, as in fastai's `create_head`.
+    fastai's `create_head` layout: every dropout but the last runs at half the rate, the last (before the classifier)
+    at the full rate; with no hidden layer the single dropout is the last one.
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden: list[int], dropout: float):
         layers: list[nn.Module] = []
         sizes = [in_features, *hidden]
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [nn.BatchNorm1d(n_in), nn.Dropout(dropout / 2 if i == 0 else dropout), nn.Linear(n_in, n_out),
-                       nn.ReLU(inplace=True)]
-        layers += [nn.BatchNorm1d(sizes[-1]), nn.Dropout(dropout if hidden else dropout / 2),
-                   nn.Linear(sizes[-1], num_classes)]
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.BatchNorm1d(n_in), nn.Dropout(dropout / 2), nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
+        layers += [nn.BatchNorm1d(sizes[-1]), nn.Dropout(dropout), nn.Linear(sizes[-1], num_classes)]
         super().__init__(*layers)
 
 

@@ -16,9 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from pipeline.backbone import Preprocess
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.errors import PipelineError
+from pipeline.core.backbone import Preprocess
+from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.data")
 

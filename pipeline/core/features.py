@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.infra.errors import PipelineError
 
 POOLINGS = ("avg", "catavgmax")
 # What each checked attribute follows in params.yaml, for messages that say what to look at.
@@ -128,8 +128,8 @@ def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None)
     Cheap: no weights are loaded (the preprocessing is resolved from the architecture's config). The index hash is
     included only when `index_dir` holds an index.csv.
     """
-    from pipeline.artifacts import sha256_file
-    from pipeline.backbone import resolve_preprocess
+    from pipeline.core.backbone import resolve_preprocess
+    from pipeline.infra.artifacts import sha256_file
 
     expected: dict[str, Any] = {"backbone": backbone.name, "weights": backbone.weights,
                                 "precision": extract.precision, "dtype": extract.dtype}

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pipeline.config import FinetuneConfig
+from pipeline.infra.config import FinetuneConfig
 
 _BN = nn.modules.batchnorm._BatchNorm
 

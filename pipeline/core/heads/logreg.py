@@ -17,8 +17,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.config import LogregConfig
-from pipeline.errors import PipelineError
+from pipeline.infra.config import LogregConfig
+from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.logreg")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.errors import PipelineError
-from pipeline.artifacts import sha256_tensors
-from pipeline.config import BackboneConfig
+from pipeline.infra.artifacts import sha256_tensors
+from pipeline.infra.config import BackboneConfig
+from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.backbone")
 

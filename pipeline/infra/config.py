@@ -14,13 +14,18 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.infra.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 
 # PIL's own hard limit (twice its warning threshold Image.MAX_IMAGE_PIXELS): about 13,400 x 13,400 pixels, ~537 MB
 # decoded as RGB. Far above any photo a classifier needs, far below what exhausts a worker's memory.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
+
+def _speed(default: Any) -> Any:
+    """A field that changes only how fast a stage runs, never its output: dvc.yaml does not list it."""
+    return dataclasses.field(default=default, metadata={"speed_only": True})
 
 
 class ConfigError(PipelineError, ValueError):
@@ -76,7 +81,7 @@ class BackboneConfig:
 
     name: str = "tf_efficientnet_lite0"
     weights: str = "bundled"
-    image_size: Optional[int] = None
+    image_size: Optional[int] = 96
 
     def validate(self, prefix: str) -> None:
         if self.image_size is not None:
@@ -95,10 +100,10 @@ class ExtractConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     dtype: Literal["float32", "float16"] = "float32"
     decode: Literal["pil", "torchvision"] = "pil"
-    batch_size: int = 32
-    workers: int = 2
-    checkpoint_rows: int = 1024
-    device: str = "auto"
+    batch_size: int = _speed(64)
+    workers: int = _speed(2)
+    checkpoint_rows: int = _speed(1024)
+    device: str = _speed("auto")
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.batch_size", self.batch_size, 1)
@@ -164,7 +169,7 @@ class FinetuneConfig:
     `warm_start: false` starts from a randomly initialised head instead (for comparisons; no parity check).
     """
 
-    epochs: int = 3
+    epochs: int = 8
     lr: float = 1e-3
     body_lr_ratio: float = 0.1
     layer_decay: float = 1.0
@@ -181,11 +186,11 @@ class FinetuneConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     sync_bn: bool = False
     warm_start: bool = True
-    workers: int = 2
+    workers: int = _speed(2)
     seed: int = 0
     parity_atol: float = 1e-3
     parity_max_flips: float = 0.01
-    device: str = "auto"
+    device: str = _speed("auto")
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.epochs", self.epochs, 0)
@@ -312,3 +317,42 @@ def load_section(name: str, path: Path | str = PARAMS_FILE) -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-dict view of a config, for JSON records."""
     return dataclasses.asdict(cfg)
+
+
+def output_keys(section: str) -> list[str]:
+    """Dotted keys of a section (or subsection such as ``heads.mlp``) that change a stage's output.
+
+    Speed-only keys are left out: these are exactly the keys a stage lists under `params` in dvc.yaml.
+    """
+    return [key for key, _, speed in _fields(section) if not speed]
+
+
+def _fields(section: str) -> list[tuple[str, Any, bool]]:
+    """(dotted key, default, speed-only) for every leaf field of a section, in declaration order."""
+    head, *rest = section.split(".")
+    cls = SECTIONS[head]
+    for name in rest:
+        cls = typing.get_type_hints(cls)[name]
+    out: list[tuple[str, Any, bool]] = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _fields(f"{section}.{f.name}")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append((f"{section}.{f.name}", default, bool(f.metadata.get("speed_only"))))
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """The whole params file as the code's defaults: params.yaml must equal this (tests check every key)."""
+    return {name: to_dict(cls()) for name, cls in SECTIONS.items()}
+
+
+def params_help(sections: tuple[str, ...]) -> str:
+    """The `--help` epilog listing a stage's params with their defaults; speed-only keys are marked."""
+    lines = ["Params (params.yaml; defaults in parentheses; * = speed only, never changes the output):"]
+    for section in sections:
+        for key, default, speed in _fields(section):
+            lines.append(f"  {key}{' *' if speed else ''} ({yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
+    return "\n".join(lines)

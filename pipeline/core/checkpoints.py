@@ -18,8 +18,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from pipeline.artifacts import atomic_path, read_json, write_json
-from pipeline.errors import PipelineError
+from pipeline.infra.artifacts import atomic_path, read_json, write_json
+from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.extract")
 

@@ -29,8 +29,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
-from pipeline.backbone import Preprocess
-from pipeline.data import load_rgb, max_image_pixels
+from pipeline.core.backbone import Preprocess
+from pipeline.core.images import load_rgb, max_image_pixels
 
 log = logging.getLogger("pipeline.loader")
 

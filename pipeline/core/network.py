@@ -7,14 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from pipeline.artifacts import atomic_path, read_json, write_json
-from pipeline.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
-from pipeline.config import BackboneConfig, build
-from pipeline.heads import build_head
+from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
+from pipeline.core.heads import build_head
+from pipeline.infra.artifacts import atomic_path, read_json, write_json
+from pipeline.infra.config import BackboneConfig, build
+from pipeline.infra.errors import PipelineError
+from pipeline.infra.runtime import progress_disabled
 
 
 class TransferNet(nn.Module):
@@ -51,13 +56,39 @@ def save_checkpoint(out: Path, net: TransferNet, backbone: BackboneConfig, spec:
                                     "head": spec, "preprocess": pre.to_dict(), "classes": spec["classes"], **info})
 
 
+class CheckpointFileError(PipelineError, ValueError):
+    """A fine-tuned checkpoint folder that is missing or not what the finetune stage writes (never unpickled)."""
+
+
 def load_checkpoint(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict]:
-    """Rebuilds the fine-tuned network (eval mode) from its folder; no pretrained weights are fetched."""
+    """Rebuilds the fine-tuned network (eval mode) from its folder; no pretrained weights are fetched.
+
+    Raises:
+        CheckpointFileError: model.json or model.safetensors is missing or cannot be read as what the finetune stage
+            writes (a pickle or any other file in its place is refused, never unpickled).
+    """
     ckpt_dir = Path(ckpt_dir)
+    rerun = "rerun `dvc repro` (or `python -m pipeline.finetune`)"
+    if not (ckpt_dir / "model.json").is_file() or not (ckpt_dir / "model.safetensors").is_file():
+        raise CheckpointFileError(f"no fine-tuned model in '{ckpt_dir}' (model.json + model.safetensors); {rerun}")
     meta = read_json(ckpt_dir / "model.json")
     backbone = build(BackboneConfig, meta["backbone"], "model.json:backbone")
     body, _, _ = build_backbone(backbone, load_weights=False)
     net = TransferNet(body, build_head(meta["head"]), meta["head"]["pooling"])
-    net.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    try:
+        net.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    except Exception as exc:  # safetensors and load_state_dict raise their own types for a file that is not ours
+        raise CheckpointFileError(f"'{ckpt_dir}' does not hold a model the finetune stage wrote "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}); {rerun}") from None
     pre = Preprocess.from_dict(meta["preprocess"])
     return net.eval(), pre, meta
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval") -> np.ndarray:
+    net.eval()
+    out = []
+    for images, _, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=progress_disabled()):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        out.append(net(images).float().cpu())
+    return torch.cat(out).numpy()  # one concatenation at the end, not one per batch

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-
 # Read once, at import (single-threaded): os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

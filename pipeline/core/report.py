@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display on servers and CI; also keeps the bytes inde
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.artifacts import atomic_path  # noqa: E402
+from pipeline.infra.artifacts import atomic_path  # noqa: E402
 
 _PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}
 
@@ -26,12 +26,6 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **_PNG)
     plt.close(fig)
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(m, (labels, predicted), 1)
-    return m
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, classes: Sequence[str], title: str) -> None:
@@ -122,10 +116,12 @@ def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, resul
     pre = json.loads(attrs["preprocess"]) if isinstance(attrs.get("preprocess"), str) else attrs.get("preprocess", {})
     evals = [s for s in ("val", "test") if s in result["best_head"]]
     best_head = result["best_head"]
-    models = [[f"head `{best_head['name']}`"] + [_pct(best_head[s]["accuracy"]) for s in evals]]
+    scored = [(f"head `{best_head['name']}`", best_head)]
     if "finetune" in result:
-        models.append(["fine-tuned network"] + [_pct(result["finetune"][s]["accuracy"]) for s in evals])
-    best = max(models, key=lambda r: r[1])
+        scored.append(("fine-tuned network", result["finetune"]))
+    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] for name, m in scored]
+    # compare the numbers, never their text ("100.00 %" < "99.00 %" as strings); ties go to the simpler model
+    best = [max(scored, key=lambda nm: (nm[1][evals[0]]["accuracy"], -scored.index(nm)))[0]]
     skipped = meta.get("skipped", 0)
     skipped_n = len(skipped) if isinstance(skipped, list) else skipped
     parts = [

@@ -1,0 +1,364 @@
+"""The dataset index: an ImageFolder root scanned into `index.csv` (+ classes, skipped files, duplicates), and
+reading it back.
+
+The root holds one subfolder per class, or split folders (`train/`, `val/` or `valid/` or `validation/`, optionally
+`test/`) that each hold one subfolder per class. Without split folders the split is a deterministic stratified draw:
+each file's place is decided by a hash of the seed and its relative path, so adding one image never reshuffles the
+others. Every file is decoded once, in full, with the loader extraction uses, so a file in the index can be read later.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.core.images import BadImageError, load_rgb, set_max_image_pixels
+from pipeline.infra.artifacts import sha256_file, write_csv, write_json
+from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
+from pipeline.infra.errors import PipelineError
+from pipeline.infra.runtime import progress_disabled
+
+log = logging.getLogger("pipeline.prepare")
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+INDEX_FIELDS = ("id", "path", "class", "label", "split", "sha256")
+DUPLICATE_FIELDS = ("sha256", "path", "class", "split")
+HIDDEN = "hidden"  # reasons starting with this are listed but never an error under data.on_bad_file: error
+LOG_EXAMPLES = 5
+
+
+class DataSourceError(PipelineError, ValueError):
+    """The data source cannot be read as an ImageFolder tree; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # relative to the source root, POSIX separators
+    cls: str
+    split: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file with an image extension, found in a class folder, not yet decoded."""
+
+    path: str
+    cls: str
+    split: str | None  # None: no split folders; the stratified draw decides
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` found: the classes, usable images, files left out (path, reason) and warnings."""
+
+    classes: list[str]
+    entries: list[Entry]
+    skipped: list[tuple[str, str]]
+    warnings: list[str] = field(default_factory=list)
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+
+def _printable(rel: str) -> str:
+    """A path that can be written as UTF-8 even when the file name is not (undecodable bytes shown as escapes)."""
+    return rel.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode keeps undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def _walk_class(class_dir: Path, root: Path, cls: str, split: str | None,
+                skipped: list[tuple[str, str]]) -> list[Candidate]:
+    """Files with an image extension anywhere under `class_dir` (nested folders and symlinked folders included).
+
+    Hidden files and folders, broken symlinks, other extensions and undecodable names are added to `skipped`.
+    Symlinked folders are followed once: a link back up the tree is listed, not looped over.
+    """
+    found: list[Candidate] = []
+    visited: set[str] = set()
+    top = os.path.realpath(class_dir)
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()
+        if real in visited:
+            skipped.append((rel_dir + "/", "symlinked folder already scanned; not scanned again"))
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith("."):
+                skipped.append((f"{rel_dir}/{d}/", f"{HIDDEN} folder; not scanned"))
+            elif top == target or top.startswith(target + os.sep):  # would rescan the class (or other classes)
+                skipped.append((f"{rel_dir}/{d}/", "symlinked folder loops back to a folder above it; not scanned"))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}"
+            path = Path(dirpath) / name
+            reason = _file_reason(path, name)
+            if reason:
+                skipped.append((rel, reason))
+            else:
+                found.append(Candidate(rel, cls, split))
+    return found
+
+
+def _file_reason(path: Path, name: str) -> str | None:
+    """Why a file is left out before decoding, or None when it is worth decoding."""
+    if name.startswith("."):
+        return f"{HIDDEN} file"
+    if not path.exists():
+        return "broken symlink (its target does not exist)"
+    if not path.is_file():
+        return "not a regular file"
+    if not _is_utf8(name):
+        return "file name is not valid UTF-8; rename it"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file (extension '{path.suffix or '(none)'}'; allowed: " \
+               f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return None
+
+
+def _class_dirs(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Class folders of `folder`; hidden folders and loose files there are listed in `skipped`."""
+    dirs = []
+    for p in sorted(folder.iterdir()):
+        rel = Path(os.path.relpath(p, root)).as_posix()
+        if p.is_dir():
+            if p.name.startswith("."):
+                skipped.append((rel + "/", f"{HIDDEN} folder; not scanned"))
+            else:
+                dirs.append(p)
+        elif p.name.startswith("."):
+            skipped.append((rel, f"{HIDDEN} file"))
+        else:
+            skipped.append((rel, "not in a class folder (images must be in <class>/ subfolders)"))
+    return dirs
+
+
+def _find_candidates(root: Path) -> tuple[dict[str, Path], list[str], list[Candidate], list[tuple[str, str]]]:
+    """Walks the ImageFolder tree; returns split folders, class folder names, candidates and skipped files."""
+    if not root.exists():
+        raise DataSourceError(f"data.source '{root}' does not exist; point it at an ImageFolder root "
+                              "(one subfolder per class, or train/ val/ [test/] folders of class subfolders)")
+    if not root.is_dir():
+        raise DataSourceError(f"data.source '{root}' is a file; it must be a folder of class subfolders")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise DataSourceError(f"data.source '{root}' has {sorted(split_dirs)} folders but no train/ folder")
+    skipped: list[tuple[str, str]] = []
+    candidates: list[Candidate] = []
+    class_names: set[str] = set()
+    if split_dirs:
+        for p in sorted(root.iterdir()):
+            if p.name not in split_dirs:
+                kind = "folder" if p.is_dir() else "file"
+                why = (f"{HIDDEN} {kind}" if p.name.startswith(".")
+                       else f"{kind} beside the train/val/test folders; not scanned")
+                skipped.append((Path(os.path.relpath(p, root)).as_posix() + ("/" if p.is_dir() else ""), why))
+        for split, folder in split_dirs.items():
+            for cdir in _class_dirs(folder, root, skipped):
+                class_names.add(cdir.name)
+                candidates += _walk_class(cdir, root, cdir.name, split, skipped)
+    else:
+        for cdir in _class_dirs(root, root, skipped):
+            class_names.add(cdir.name)
+            candidates += _walk_class(cdir, root, cdir.name, None, skipped)
+    if not class_names:
+        loose = sum(1 for path, _ in skipped if Path(path).suffix.lower() in IMAGE_EXTENSIONS)
+        detail = (f"its {loose} image files lie directly in it" if loose else "it holds no folders")
+        raise DataSourceError(f"data.source '{root}' has no class subfolders ({detail}); put each class's images in "
+                              "its own subfolder: <source>/<class>/<image>, or <source>/train/<class>/<image>")
+    return split_dirs, sorted(class_names), candidates, skipped
+
+
+def _split_key(seed: int, rel_path: str) -> str:
+    return hashlib.sha256(f"{seed}:{rel_path}".encode()).hexdigest()
+
+
+def _stratified(files: list[str], cfg: DataConfig) -> dict[str, str]:
+    """Assigns each file of one class to a split; at least one file always stays in train."""
+    order = sorted(files, key=lambda f: _split_key(cfg.seed, f))
+    n = len(order)
+    n_test = min(round(cfg.test_fraction * n), max(n - 1, 0))
+    n_val = min(round(cfg.val_fraction * n), max(n - 1 - n_test, 0))
+    return {f: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, f in enumerate(order)}
+
+
+def check_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
+    """Returns (sha256, None) for a usable image, or (None, reason) for a file that cannot be used.
+
+    Decodes every pixel with the loader extraction uses: a header check alone passes truncated files.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        digest = sha256_file(path)
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    try:
+        load_rgb(path, max_pixels)
+    except BadImageError as exc:
+        return None, exc.reason
+    return digest, None
+
+
+def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int) -> list[tuple[str | None, str | None]]:
+    """check_image over every candidate, in threads (PIL and hashlib release the GIL while they work)."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda c: check_image(root / c.path, max_pixels), candidates)
+        return list(tqdm(results, total=len(candidates), desc="prepare: decoding", unit="file",
+                         disable=progress_disabled()))
+
+
+def _duplicates(entries: list[Entry]) -> tuple[dict[str, list[Entry]], dict[str, int]]:
+    """Groups of byte-identical files, and counts: files leaking into a later split, label conflicts, and the rest."""
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.sha256, []).append(e)
+    groups = {sha: g for sha, g in groups.items() if len(g) > 1}
+    across = conflicts = within = 0
+    for g in groups.values():
+        first = min(SPLITS.index(e.split) for e in g)
+        # a val/test image whose bytes are also in an earlier split is scored on what the model trained (or chose) on
+        across += sum(1 for e in g if SPLITS.index(e.split) > first)
+        within += len(g) - len({e.split for e in g})
+        conflicts += len({e.cls for e in g}) > 1
+    return groups, {"across_splits": across, "within_split": within, "label_conflicts": conflicts}
+
+
+def _check_classes(classes: list[str], class_names: list[str], entries: list[Entry], root: Path) -> list[str]:
+    """Raises on class sets a classifier cannot use; returns warnings for the ones it can, with gaps."""
+    warnings: list[str] = []
+    empty = [c for c in class_names if c not in classes]
+    if empty:
+        warnings.append(f"class folders with no usable images, left out: {', '.join(empty)}")
+    if len(classes) < 2:
+        found = f"only '{classes[0]}'" if classes else "none"
+        raise DataSourceError(f"data.source '{root}' has {found} of its class folders with usable images; "
+                              "a classifier needs at least 2 classes")
+    present = {s: {e.cls for e in entries if e.split == s} for s in SPLITS}
+    untrained = [c for c in classes if c not in present["train"]]
+    if untrained:
+        raise DataSourceError(f"classes {untrained} have images in val/test but none in train; a classifier cannot "
+                              "learn them: add train images or remove those folders")
+    for split in ("val", "test"):
+        if present[split]:
+            missing = [c for c in classes if c not in present[split]]
+            if missing:
+                warnings.append(f"classes absent from {split} (their {split} accuracy is not measured): "
+                                f"{', '.join(missing)}")
+    return warnings
+
+
+def scan(root: Path, cfg: DataConfig) -> ScanResult:
+    """Lists classes, usable images with their split and hash, skipped files with the reason, and warnings.
+
+    Raises:
+        DataSourceError: the source is missing, not a folder, has no class subfolders, fewer than 2 usable classes,
+            a class with no train images, or (with `data.on_bad_file: error`) any unusable file.
+    """
+    split_dirs, class_names, candidates, skipped = _find_candidates(root)
+    entries = []
+    for c, (digest, reason) in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels)):
+        if reason:
+            skipped.append((c.path, reason))
+        else:
+            entries.append(Entry(c.path, c.cls, c.split or "", digest))
+    skipped = sorted((_printable(p), r) for p, r in skipped)
+    bad = [(p, r) for p, r in skipped if not r.startswith(HIDDEN)]
+    if bad and cfg.on_bad_file == "error":
+        listed = "; ".join(f"{p} ({r})" for p, r in bad[:LOG_EXAMPLES])
+        more = f" and {len(bad) - LOG_EXAMPLES} more" if len(bad) > LOG_EXAMPLES else ""
+        raise DataSourceError(f"{len(bad)} files under '{root}' cannot be used and data.on_bad_file is 'error': "
+                              f"{listed}{more}. Fix or remove them, or set data.on_bad_file: skip")
+
+    if not split_dirs:
+        by_class: dict[str, list[str]] = {}
+        for e in entries:
+            by_class.setdefault(e.cls, []).append(e.path)
+        assign = {}
+        for cls_files in by_class.values():
+            assign.update(_stratified(cls_files, cfg))
+        entries = [Entry(e.path, e.cls, assign[e.path], e.sha256) for e in entries]
+    entries.sort(key=lambda e: (SPLITS.index(e.split), e.path))
+    classes = sorted({e.cls for e in entries})
+    warnings = _check_classes(classes, class_names, entries, root)
+    _, dup_counts = _duplicates(entries)
+    if dup_counts["across_splits"]:
+        warnings.append(f"possible leakage: {dup_counts['across_splits']} val/test images are byte-identical to "
+                        "images in an earlier split (see duplicates.csv)")
+    if dup_counts["label_conflicts"]:
+        warnings.append(f"{dup_counts['label_conflicts']} groups of byte-identical images carry different classes "
+                        "(see duplicates.csv)")
+    if not any(e.split == "val" for e in entries):
+        raise DataSourceError("no val images; add a val/ folder or raise data.val_fraction")
+    return ScanResult(classes, entries, skipped, warnings, dup_counts)
+
+
+def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Writes index.csv, skipped.csv, duplicates.csv and classes.json; each file appears atomically.
+
+    classes.json is written last: a folder that has it has all the others.
+    """
+    classes, entries = result.classes, result.entries
+    label = {c: i for i, c in enumerate(classes)}
+    write_csv(out / "index.csv", INDEX_FIELDS,
+               ((i, e.path, e.cls, label[e.cls], e.split, e.sha256) for i, e in enumerate(entries)))
+    write_csv(out / "skipped.csv", ("path", "reason"), result.skipped)
+    groups, _ = _duplicates(entries)
+    write_csv(out / "duplicates.csv", DUPLICATE_FIELDS,
+               ((sha, e.path, e.cls, e.split) for sha in sorted(groups)
+                for e in sorted(groups[sha], key=lambda e: (SPLITS.index(e.split), e.path))))
+    counts = {s: {c: sum(1 for e in entries if e.split == s and e.cls == c) for c in classes}
+              for s in SPLITS if any(e.split == s for e in entries)}
+    write_json(out / "classes.json", {"classes": classes, "source": source, "counts": counts,
+                                      "skipped": len(result.skipped), "duplicates": result.duplicates,
+                                      "warnings": result.warnings, "max_image_pixels": max_pixels})
+
+
+def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:
+    """Reads index.csv rows (as dicts) and classes.json.
+
+    Also applies the pixel limit the images were vetted under (`data.max_image_pixels`, recorded by prepare) to this
+    process, so extraction and training load every image that prepare accepted.
+    """
+    index_dir = Path(index_dir)
+    if not (index_dir / "classes.json").is_file() or not (index_dir / "index.csv").is_file():
+        raise DataSourceError(f"no dataset index in '{index_dir}' (index.csv and classes.json); run "
+                              "`dvc repro prepare` (or `python -m pipeline.prepare`) first")
+    with open(index_dir / "index.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    meta = json.loads((index_dir / "classes.json").read_text(encoding="utf-8"))
+    set_max_image_pixels(meta.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    return rows, meta
+
+
+def log_summary(result: ScanResult, out: Path) -> None:
+    counts = {s: sum(1 for e in result.entries if e.split == s) for s in SPLITS}
+    log.info("prepare: %d classes, %d images (train %d, val %d, test %d), %d files skipped (listed in %s)",
+             len(result.classes), len(result.entries), counts["train"], counts["val"], counts["test"],
+             len(result.skipped), out / "skipped.csv")
+    bad = [(p, r) for p, r in result.skipped if not r.startswith(HIDDEN)]
+    if bad:
+        log.warning("prepare: %d files cannot be used and were skipped, e.g. %s", len(bad),
+                    "; ".join(f"{p} ({r})" for p, r in bad[:LOG_EXAMPLES]))
+    for warning in result.warnings:
+        log.warning("prepare: %s", warning)

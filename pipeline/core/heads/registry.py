@@ -1,0 +1,50 @@
+"""The heads the pipeline can fit, each described once: its config, its input pooling, how to fit it and how to
+rebuild its module from a saved spec. Adding a head means adding one entry here (and its params section)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch.nn as nn
+
+from pipeline.core.heads.logreg import fit_logreg
+from pipeline.core.heads.mlp import MlpHead, fit_mlp
+
+FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, int], "tuple[nn.Module, dict]"]
+
+
+@dataclass(frozen=True)
+class HeadType:
+    """One kind of head.
+
+    Attributes:
+        pooling: the cached pooling the head reads, from its config (`avg` or `catavgmax`).
+        fit: fits on (x_train, y_train, x_val, y_val, config, num_classes); returns the module and fit details.
+        build: an untrained module of the architecture a saved spec describes (to load weights into).
+        architecture: spec entries beyond in/out sizes that `build` needs, from the config.
+    """
+
+    pooling: Callable[[Any], str]
+    fit: FitFn
+    build: Callable[[dict], nn.Module]
+    architecture: Callable[[Any], dict]
+
+
+HEADS: dict[str, HeadType] = {
+    # the scaler is folded into one Linear layer (pipeline/core/heads/logreg.py)
+    "logreg": HeadType(pooling=lambda cfg: cfg.pooling, fit=fit_logreg,
+                       build=lambda spec: nn.Linear(spec["in_features"], spec["num_classes"]),
+                       architecture=lambda cfg: {}),
+    # always on concat pooling [avg, max]: max pooling is what a deeper head adds over the linear probe
+    "mlp": HeadType(pooling=lambda cfg: "catavgmax", fit=fit_mlp,
+                    build=lambda spec: MlpHead(spec["in_features"], spec["num_classes"], spec["hidden"],
+                                               spec["dropout"]),
+                    architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout}),
+}
+
+
+def head_type(name: str) -> HeadType:
+    if name not in HEADS:
+        raise ValueError(f"unknown head type '{name}'; known: {', '.join(HEADS)}")
+    return HEADS[name]

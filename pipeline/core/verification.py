@@ -1,0 +1,155 @@
+"""Comparing this checkout's pipeline outputs with the committed ones: same bytes, within tolerance, or different.
+
+What is compared: the outputs' hashes in `dvc.lock` against the committed `dvc.lock` (git HEAD), every metrics file
+declared in `dvc.yaml` against its committed version, and the features file against `reference/features.json` +
+`reference/features.npz` (a fixed sample of rows).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import yaml
+
+from pipeline.core.features import read_attrs, read_split, splits_in
+from pipeline.infra.artifacts import atomic_path, sha256_file, write_json
+from pipeline.infra.errors import PipelineError
+
+log = logging.getLogger("pipeline.verify")
+
+SAMPLE_ROWS = 64
+SAME, CLOSE, DIFFERENT = "same", "within tolerance", "different"
+
+
+def _git_show(path: str, rev: str = "HEAD") -> str | None:
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _outs(lock: dict) -> dict[str, str]:
+    """{output path: hash} for every stage output in a dvc.lock mapping."""
+    found = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        for out in body.get("outs", []):
+            found[out["path"]] = out.get("md5") or out.get("hash", "")
+    return found
+
+
+def compare_lock(current: dict, committed: dict) -> Iterator[tuple[str, str, str]]:
+    now, then = _outs(current), _outs(committed)
+    for path in sorted(set(now) | set(then)):
+        if path not in then or path not in now:
+            yield f"dvc.lock: {path}", DIFFERENT, "present in only one of the two lock files"
+        else:
+            yield f"dvc.lock: {path}", SAME if now[path] == then[path] else DIFFERENT, \
+                "" if now[path] == then[path] else f"md5 {then[path][:12]} -> {now[path][:12]}"
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def compare_metrics(current: dict, committed: dict, margin: float) -> tuple[str, str]:
+    """Floats within `margin` (absolute) are close; anything else that differs is different."""
+    now, then = _leaves(current), _leaves(committed)
+    if now == then:
+        return SAME, ""
+    worst, detail = 0.0, []
+    for key in sorted(set(now) | set(then)):
+        a, b = then.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+            worst = max(worst, abs(a - b))
+            detail.append(f"{key} {a:.4f} -> {b:.4f}")
+        else:
+            return DIFFERENT, f"{key}: {a!r} -> {b!r}"
+    return (CLOSE if worst <= margin else DIFFERENT), f"max |difference| {worst:.4g}: " + "; ".join(detail[:4])
+
+
+def feature_sample(path: Path) -> dict[str, np.ndarray]:
+    """The first SAMPLE_ROWS rows of every split's avg and max features, and all labels and ids."""
+    sample = {}
+    for split in splits_in(path):
+        s = read_split(path, split)
+        sample[f"{split}/avg"] = np.asarray(s.avg[:SAMPLE_ROWS], dtype=np.float32)
+        sample[f"{split}/max"] = np.asarray(s.max[:SAMPLE_ROWS], dtype=np.float32)
+        sample[f"{split}/labels"] = np.asarray(s.labels)
+        sample[f"{split}/ids"] = np.asarray(s.ids)
+    return sample
+
+
+def compare_features(path: Path, reference: Path, rtol: float, atol: float) -> tuple[str, str]:
+    meta = json.loads((reference / "features.json").read_text())
+    if sha256_file(path) == meta["sha256"]:
+        return SAME, ""
+    ref = np.load(reference / "features.npz")
+    now = feature_sample(path)
+    if set(ref.files) != set(now):
+        return DIFFERENT, f"splits/datasets differ: {sorted(ref.files)} vs {sorted(now)}"
+    worst, ok = 0.0, True
+    for key in ref.files:
+        a, b = ref[key], now[key]
+        if a.shape != b.shape:
+            return DIFFERENT, f"{key}: shape {a.shape} -> {b.shape}"
+        if key.endswith(("labels", "ids")):
+            if not np.array_equal(a, b):
+                return DIFFERENT, f"{key}: row order or labels differ"
+            continue
+        worst = max(worst, float(np.abs(a - b).max()))
+        ok &= bool(np.allclose(b, a, rtol=rtol, atol=atol))
+    detail = f"bytes differ; sampled rows max |difference| {worst:.3g} (allclose rtol={rtol:g}, atol={atol:g})"
+    return (CLOSE if ok else DIFFERENT), detail
+
+
+def record(features: Path, reference: Path) -> None:
+    reference.mkdir(parents=True, exist_ok=True)
+    sample = feature_sample(features)
+    with atomic_path(reference / "features.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **sample)
+    attrs = read_attrs(features)
+    write_json(reference / "features.json", {"sha256": sha256_file(features), "rows_per_split": SAMPLE_ROWS,
+                                             "attrs": {k: v for k, v in attrs.items() if k != "versions"},
+                                             "versions": attrs.get("versions")})
+
+
+def _metrics_files(dvc_yaml: Path) -> list[str]:
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    files = []
+    for name, stage in stages.items():
+        items = stage["foreach"] if isinstance(stage.get("foreach"), list) else [None]
+        body = stage.get("do", stage)
+        for item in items:
+            for m in body.get("metrics", []):
+                path = next(iter(m)) if isinstance(m, dict) else m
+                files.append(path.replace("${item}", item) if item else path)
+    return files
+
+
+def verify(features: Path, reference: Path, rtol: float, atol: float, margin: float) -> list[tuple[str, str, str]]:
+    results: list[tuple[str, str, str]] = []
+    committed_lock = _git_show("dvc.lock")
+    if committed_lock is None:
+        raise PipelineError("no committed dvc.lock at git HEAD to compare with; commit a reference run first")
+    results += list(compare_lock(yaml.safe_load(Path("dvc.lock").read_text()), yaml.safe_load(committed_lock)))
+    for path in _metrics_files(Path("dvc.yaml")):
+        then = _git_show(path)
+        if then is None or not Path(path).is_file():
+            results.append((path, DIFFERENT, "missing here or at git HEAD"))
+            continue
+        results.append((path, *compare_metrics(json.loads(Path(path).read_text()), json.loads(then), margin)))
+    if (reference / "features.json").is_file() and features.is_file():
+        results.append((str(features), *compare_features(features, reference, rtol, atol)))
+    else:
+        results.append((str(features), DIFFERENT, f"missing {features} or {reference}/features.json"))
+    return results
