@@ -21,14 +21,13 @@ repro: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# After a fresh clone: rerun the whole pipeline and require the committed dvc.lock, metrics, plots and report
-# to come out byte-identical (same platform), then let `pipeline.verify` print its verdict per artefact.
+# After a fresh clone: rerun the whole pipeline and compare with the committed results (`pipeline.verify`). Inputs
+# (code, params, commands, source data) must be identical; outputs must be byte-identical or, where another CPU model
+# moves the last bits, within the tolerances; anything else fails. The files that changed are listed for the record.
 check-repro: setup
 	$(WITH_VENV) $(BIN)/dvc repro
 	git status --porcelain -- dvc.lock metrics plots report dvclive
-	git diff --exit-code --stat -- dvc.lock metrics plots report dvclive
-	test -z "$$(git status --porcelain -- dvc.lock metrics plots report dvclive)"
-	$(WITH_VENV) $(BIN)/python -m pipeline.verify --strict
+	$(WITH_VENV) $(BIN)/python -m pipeline.verify
 
 lock:  # refresh requirements.lock from requirements.in in a clean venv
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet -r requirements.in

@@ -1,13 +1,15 @@
 """Compare this checkout's pipeline outputs with the committed ones, and say how far apart they are.
 
 Run after `dvc repro`. For each artefact it prints a verdict:
-- `same`: identical bytes (expected on the same platform: same CPU kind, same packages);
+- `same`: identical bytes (expected on any x86-64 CPU with portable numerics, the default);
 - `within tolerance`: not identical, but features within `allclose(rtol, atol)` and metrics within `--margin`
   (expected across platforms, e.g. GPU vs CPU, with fp32 extraction and TF32 off);
 - `different`: beyond the tolerance, with the size of the difference.
-What is compared: the outputs' hashes in `dvc.lock` against the committed `dvc.lock` (git HEAD), every metrics file
-declared in `dvc.yaml` against its committed version, and the features file against `reference/features.json` +
-`reference/features.npz` (a fixed sample of rows), which `--record` writes and you commit.
+What is compared: each stage's inputs in `dvc.lock` (command, params, hashes of code and source data: these never
+depend on the machine, so any difference is `different`), the outputs' hashes against the committed `dvc.lock` (git
+HEAD; bytes that differ are judged by the metrics and features), every metrics file declared in `dvc.yaml` against its
+committed version, and the features file against `reference/features.json` + `reference/features.npz` (a fixed sample
+of rows), which `--record` writes and you commit. CI runs it after a fresh `dvc repro` (`make check-repro`).
 
     python -m pipeline.verify                       # verdicts; exit 1 if anything is `different`
     python -m pipeline.verify --strict              # exit 1 unless everything is `same`

@@ -82,3 +82,39 @@ def test_queued_grid_extracts_once(tmp_path: Path, monkeypatch):
     assert stages.count("prepare") == 1, stages
     mlp_runs = [r for r in records if r["stage"] == "heads" and "mlp" in r["argv"]]
     assert len(mlp_runs) == 3, stages  # baseline + one per queued experiment
+
+
+def test_results_move_to_another_clone_through_a_dvc_remote(tmp_path: Path):
+    """The DVC way to get pinned results on another machine without recomputing: push to a remote (a local folder
+    here), pull in a second clone; then nothing is stale, `dvc repro` runs nothing, and predict works there."""
+    import subprocess
+    import sys
+
+    from conftest import dvc_env, run_cmd
+
+    repo = tmp_path / "repo"
+    write_digit_folder(repo / "tiny", classes=3, per_class=12)
+    make_dvc_repo(repo, **{**TINY, "data": {**TINY["data"], "source": "tiny"}})
+    dvc(repo, "repro")
+    dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    run_cmd(["git", "add", "-A"], repo)
+    run_cmd(["git", "commit", "-qm", "results"], repo)
+    pushed = dvc(repo, "push").stdout
+    assert "pushed" in pushed, pushed
+
+    clone = tmp_path / "clone"
+    run_cmd(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "data" / "features.h5").exists() and not (clone / "models" / "finetune").exists()
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status").stdout
+    again = dvc(clone, "repro").stdout
+    assert "Running stage" not in again, again
+    assert "Data and pipelines are up to date" in again or "didn't change, skipping" in again, again
+    assert run_cmd(["git", "status", "--porcelain"], clone).stdout == ""
+
+    def predictions(where: Path) -> str:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.predict", "tiny/0", "--out", "p.csv"], cwd=where,
+                              env=dvc_env(), capture_output=True, text=True, check=True)
+        return proc.stdout
+
+    assert predictions(clone) == predictions(repo) and predictions(clone).count("\n") == 13  # header + 12 rows

@@ -6,6 +6,7 @@ on val; `heads.csv` (val accuracy per head); `misclassified.png`; and `report.md
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,66 +27,98 @@ from pipeline.infra.runtime import resolve_device
 log = logging.getLogger("pipeline.evaluate")
 
 
-def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicted: np.ndarray) -> None:
-    """One row per image, for DVC's confusion template."""
-    write_csv(path, ("actual", "predicted"), ((classes[a], classes[p]) for a, p in zip(labels, predicted)))
+@dataclass
+class Scores:
+    """One model's metrics per split, and its labels and predictions per split (for plots)."""
+
+    metrics: dict = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    predicted: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, split: str, logits: np.ndarray, labels: np.ndarray) -> None:
+        self.metrics[split] = split_metrics(logits, labels)
+        self.labels[split], self.predicted[split] = labels, logits.argmax(1)
+
+
+def score_head(features: Path, head_dir: Path, splits: list[str]) -> Scores:
+    """The selected head on the cached features of each split."""
+    head, spec = load_head(head_dir)
+    scores = Scores()
+    for split in splits:
+        feats = read_split(features, split)
+        scores.add(split, head_logits(head, spec, feats), feats.labels)
+    return scores
+
+
+def score_finetuned(finetuned: Path, rows: list[dict], source: str, splits: list[str]) -> Scores:
+    """The fine-tuned network on the images of each split (eval transform, GPU when there is one)."""
+    net, pre, _ = load_checkpoint(finetuned)
+    device = resolve_device("auto")
+    net = net.to(device, memory_format=torch.channels_last)
+    scores = Scores()
+    for split in splits:
+        split_rows = [r for r in rows if r["split"] == split]
+        loader = DataLoader(ImageDataset(source, split_rows, eval_transform(pre)), batch_size=64)
+        scores.add(split, predict_logits(net, loader, device, split), np.array([int(r["label"]) for r in split_rows]))
+    return scores
 
 
 def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, finetuned: Path | None,
              plots: Path, report_dir: Path | None = None) -> dict:
     """Scores both models on every evaluation split present; writes plots and the report; returns the metrics."""
     rows, meta = read_index(index_dir)
-    classes = meta["classes"]
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
-    plot_split = splits[-1]
     choice = read_json(selected)
-    head, spec = load_head(heads_dir / choice["head"])
-    result: dict = {"plot_split": plot_split, "best_head": {"name": choice["head"]}}
-    confusions: dict[str, np.ndarray] = {}
-    val_predictions: tuple[str, np.ndarray] | None = None
-    for split in splits:
-        feats = read_split(features, split)
-        logits = head_logits(head, spec, feats)
-        result["best_head"][split] = split_metrics(logits, feats.labels)
-        if split == plot_split:
-            write_confusion(plots / "confusion_head.csv", classes, feats.labels, logits.argmax(1))
-            confusions["head"] = confusion_matrix(feats.labels, logits.argmax(1), len(classes))
-        if split == "val":
-            val_predictions = (f"head '{choice['head']}'", logits.argmax(1))
+    models = {"head": score_head(features, heads_dir / choice["head"], splits)}
     if finetuned is not None:
-        net, pre, _ = load_checkpoint(finetuned)
-        device = resolve_device("auto")
-        net = net.to(device, memory_format=torch.channels_last)
-        result["finetune"] = {}
-        for split in splits:
-            split_rows = [r for r in rows if r["split"] == split]
-            loader = DataLoader(ImageDataset(meta["source"], split_rows, eval_transform(pre)), batch_size=64)
-            logits = predict_logits(net, loader, device, split)
-            labels = np.array([int(r["label"]) for r in split_rows])
-            result["finetune"][split] = split_metrics(logits, labels)
-            if split == plot_split:
-                write_confusion(plots / "confusion_finetune.csv", classes, labels, logits.argmax(1))
-                confusions["finetune"] = confusion_matrix(labels, logits.argmax(1), len(classes))
-            if split == "val":
-                val_predictions = ("fine-tuned model", logits.argmax(1))
-    write_heads_csv(plots / "heads.csv", choice["ranking"])
-    val_rows = [r for r in rows if r["split"] == "val"]
-    _plot_misclassified(plots / "misclassified.png", meta, val_rows, *val_predictions)
+        models["finetune"] = score_finetuned(finetuned, rows, meta["source"], splits)
+    result: dict = {"plot_split": splits[-1], "best_head": {"name": choice["head"], **models["head"].metrics}}
+    if "finetune" in models:
+        result["finetune"] = models["finetune"].metrics
+    write_plots(plots, meta, rows, choice, models, splits[-1])
     if report_dir is not None:
-        figures = {"heads": "heads.png", "misclassified": "../plots/misclassified.png"}
-        report.plot_heads(report_dir / "heads.png", choice["ranking"])
-        for model, matrix in confusions.items():
-            figures[f"confusion_{model}"] = f"confusion_{model}.png"
-            report.plot_confusion(report_dir / f"confusion_{model}.png", matrix, classes,
-                                  f"{'best head' if model == 'head' else 'fine-tuned'} on {plot_split}")
-        info = None
-        if finetuned is not None:
-            info = read_json(finetuned / "model.json")
-            figures["curves"] = "curves.png"
-            report.plot_curves(report_dir / "curves.png", info["history"])
-        report.write_markdown(report_dir / "report.md", meta=meta, attrs=read_attrs(features), selected=choice,
-                              result=result, finetune_info=info, figures=figures)
+        write_report(report_dir, meta, read_attrs(features), choice, result, models, splits[-1], finetuned)
     return result
+
+
+def write_plots(plots: Path, meta: dict, rows: list[dict], choice: dict, models: dict[str, Scores],
+                plot_split: str) -> None:
+    """DVC plots: a confusion CSV per model on `plot_split`, val accuracy per head, misclassified val images."""
+    classes = meta["classes"]
+    for name, scores in models.items():
+        write_confusion(plots / f"confusion_{name}.csv", classes, scores.labels[plot_split],
+                        scores.predicted[plot_split])
+    write_heads_csv(plots / "heads.csv", choice["ranking"])
+    # the misclassified grid shows the model the user will deploy: the fine-tuned one when there is one
+    shown = "finetune" if "finetune" in models else "head"
+    label = "fine-tuned model" if shown == "finetune" else f"head '{choice['head']}'"
+    val_rows = [r for r in rows if r["split"] == "val"]
+    _plot_misclassified(plots / "misclassified.png", meta, val_rows, label, models[shown].predicted["val"])
+
+
+def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result: dict, models: dict[str, Scores],
+                 plot_split: str, finetuned: Path | None) -> None:
+    """report.md and its figures (heads bar chart, confusion matrices, fine-tune curves)."""
+    classes = meta["classes"]
+    figures = {"heads": "heads.png", "misclassified": "../plots/misclassified.png"}
+    report.plot_heads(report_dir / "heads.png", choice["ranking"])
+    for name, scores in models.items():
+        figures[f"confusion_{name}"] = f"confusion_{name}.png"
+        matrix = confusion_matrix(scores.labels[plot_split], scores.predicted[plot_split], len(classes))
+        report.plot_confusion(report_dir / f"confusion_{name}.png", matrix, classes,
+                              f"{'best head' if name == 'head' else 'fine-tuned'} on {plot_split}")
+    info = None
+    if finetuned is not None:
+        info = read_json(finetuned / "model.json")
+        figures["curves"] = "curves.png"
+        report.plot_curves(report_dir / "curves.png", info["history"])
+    report.write_markdown(report_dir / "report.md", meta=meta, attrs=attrs, selected=choice, result=result,
+                          finetune_info=info, figures=figures)
+
+
+def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicted: np.ndarray) -> None:
+    """One row per image, for DVC's confusion template."""
+    write_csv(path, ("actual", "predicted"), ((classes[a], classes[p]) for a, p in zip(labels, predicted)))
 
 
 def write_heads_csv(path: Path, ranking: list[dict]) -> None:

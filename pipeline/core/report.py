@@ -105,32 +105,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f} %"
 
 
-def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
-                   figures: dict[str, str]) -> None:
-    """report.md: data, backbone, heads, fine-tune, best model, figures, and how to reproduce."""
+def _data_section(meta: dict) -> list[str]:
     classes = meta["classes"]
     counts = meta.get("counts", {})
     splits = [s for s in ("train", "val", "test") if s in counts]
     data_rows = [[c] + [counts[s].get(c, 0) for s in splits] for c in classes]
     data_rows.append(["**total**"] + [sum(counts[s].values()) for s in splits])
-    pre = json.loads(attrs["preprocess"]) if isinstance(attrs.get("preprocess"), str) else attrs.get("preprocess", {})
-    evals = [s for s in ("val", "test") if s in result["best_head"]]
-    best_head = result["best_head"]
-    scored = [(f"head `{best_head['name']}`", best_head)]
-    if "finetune" in result:
-        scored.append(("fine-tuned network", result["finetune"]))
-    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] for name, m in scored]
-    # compare the numbers, never their text ("100.00 %" < "99.00 %" as strings); ties go to the simpler model
-    best = [max(scored, key=lambda nm: (nm[1][evals[0]]["accuracy"], -scored.index(nm)))[0]]
     skipped = meta.get("skipped", 0)
     skipped_n = len(skipped) if isinstance(skipped, list) else skipped
-    parts = [
-        "# Pipeline report",
-        "",
-        "Written by the `evaluate` stage from the run's artefacts only. Wall times, machine and package versions of "
-        "each stage are in the run log, `runs/<stage>.json` (not tracked by DVC, so identical runs keep identical "
-        "`dvc.lock` files).",
-        "",
+    return [
         "## Data",
         f"Source `{meta.get('source')}`: {len(classes)} classes, {skipped_n} files skipped "
         "(listed with reasons in `data/prepared/skipped.csv`).",
@@ -139,12 +122,23 @@ def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, resul
         "",
         *[f"> warning: {w}" for w in meta.get("warnings", [])],
         "",
+    ]
+
+
+def _backbone_section(attrs: dict) -> list[str]:
+    pre = json.loads(attrs["preprocess"]) if isinstance(attrs.get("preprocess"), str) else attrs.get("preprocess", {})
+    return [
         "## Backbone",
         f"`{attrs['backbone']}`, weights `{attrs['weights']}` (sha256 `{attrs['weights_sha256'][:16]}...`), "
         f"{attrs['precision']} extraction stored as {attrs['dtype']}, {attrs['num_features']} features per pooling.",
         f"Preprocessing: resize {pre.get('resize')} ({pre.get('interpolation')}), centre crop {pre.get('size')}, "
         f"mean {pre.get('mean')}, std {pre.get('std')}.",
         "",
+    ]
+
+
+def _heads_section(selected: dict, figures: dict[str, str]) -> list[str]:
+    return [
         "## Heads (fitted on cached features)",
         _table(["head", "val accuracy", "val loss"],
                [[f"`{r['head']}`", _pct(r["val_accuracy"]), f"{r['val_loss']:.4f}"] for r in selected["ranking"]]),
@@ -154,44 +148,78 @@ def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, resul
         f"![heads]({figures['heads']})",
         "",
     ]
-    if finetune_info is not None:
-        ft = finetune_info["finetune"]
-        parity = finetune_info.get("parity")
-        start = (f"Warm-started from `{finetune_info['warm_start']}`; parity check on val: max |logit difference| "
-                 f"{parity['max_abs_logit_diff']:.2e}, argmax flips {_pct(parity['argmax_flip_fraction'])}."
-                 if parity else "Started from a randomly initialised head (`finetune.warm_start: false`).")
-        parts += [
-            "## Fine-tune (LP-FT)",
-            f"{start} {ft['epochs']} epochs, head lr {ft['lr']}, "
-            f"body lr x{ft['body_lr_ratio']}, BatchNorm `{ft['bn']}`; best epoch {finetune_info['best_epoch']} "
-            "(epoch 0 = the warm start itself).",
-            "",
-            _table(["epoch", "train loss", "val loss", "val accuracy"],
-                   [[h["epoch"], "-" if h.get("train_loss") is None else f"{h['train_loss']:.4f}",
-                     f"{h['val_loss']:.4f}", _pct(h["val_accuracy"])] for h in finetune_info["history"]]),
-            "",
-            f"![fine-tune curves]({figures['curves']})",
-            "",
-        ]
-    parts += [
+
+
+def _finetune_section(info: dict, figures: dict[str, str]) -> list[str]:
+    ft = info["finetune"]
+    parity = info.get("parity")
+    start = (f"Warm-started from `{info['warm_start']}`; parity check on val: max |logit difference| "
+             f"{parity['max_abs_logit_diff']:.2e}, argmax flips {_pct(parity['argmax_flip_fraction'])}."
+             if parity else "Started from a randomly initialised head (`finetune.warm_start: false`).")
+    return [
+        "## Fine-tune (LP-FT)",
+        f"{start} {ft['epochs']} epochs, head lr {ft['lr']}, "
+        f"body lr x{ft['body_lr_ratio']}, BatchNorm `{ft['bn']}`; best epoch {info['best_epoch']} "
+        "(epoch 0 = the warm start itself).",
+        "",
+        _table(["epoch", "train loss", "val loss", "val accuracy"],
+               [[h["epoch"], "-" if h.get("train_loss") is None else f"{h['train_loss']:.4f}",
+                 f"{h['val_loss']:.4f}", _pct(h["val_accuracy"])] for h in info["history"]]),
+        "",
+        f"![fine-tune curves]({figures['curves']})",
+        "",
+    ]
+
+
+def _result_section(result: dict, figures: dict[str, str]) -> list[str]:
+    evals = [s for s in ("val", "test") if s in result["best_head"]]
+    best_head = result["best_head"]
+    scored = [(f"head `{best_head['name']}`", best_head)]
+    if "finetune" in result:
+        scored.append(("fine-tuned network", result["finetune"]))
+    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] for name, m in scored]
+    # compare the numbers, never their text ("100.00 %" < "99.00 %" as strings); ties go to the simpler model
+    best = max(scored, key=lambda nm: (nm[1][evals[0]]["accuracy"], -scored.index(nm)))[0]
+    return [
         "## Result",
         _table(["model", *[f"{s} accuracy" for s in evals]], models),
         "",
-        f"Best on val: **{best[0]}**.",
+        f"Best on val: **{best}**.",
         "",
         *[f"![{name}]({fig})" for name, fig in figures.items() if name.startswith("confusion")],
         "",
         f"![misclassified]({figures['misclassified']})",
         "",
-        "## Reproduce",
-        "```",
-        "git clone <this repository> && cd <it>",
-        "make repro          # installs requirements.lock into .venv, then runs `dvc repro`",
-        ".venv/bin/python -m pipeline.verify   # compares the outputs with the committed ones",
-        ".venv/bin/dvc metrics show",
-        "```",
-        "",
     ]
+
+
+_HEADER = [
+    "# Pipeline report",
+    "",
+    "Written by the `evaluate` stage from the run's artefacts only. Wall times, machine and package versions of "
+    "each stage are in the run log, `runs/<stage>.json` (not tracked by DVC, so identical runs keep identical "
+    "`dvc.lock` files).",
+    "",
+]
+_REPRODUCE = [
+    "## Reproduce",
+    "```",
+    "git clone <this repository> && cd <it>",
+    "make repro          # installs requirements.lock into .venv, then runs `dvc repro`",
+    ".venv/bin/python -m pipeline.verify   # compares the outputs with the committed ones",
+    ".venv/bin/dvc metrics show",
+    "```",
+    "",
+]
+
+
+def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
+                   figures: dict[str, str]) -> None:
+    """report.md: data, backbone, heads, fine-tune, best model, figures, and how to reproduce."""
+    parts = [*_HEADER, *_data_section(meta), *_backbone_section(attrs), *_heads_section(selected, figures)]
+    if finetune_info is not None:
+        parts += _finetune_section(finetune_info, figures)
+    parts += [*_result_section(result, figures), *_REPRODUCE]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts))

@@ -40,13 +40,47 @@ def _outs(lock: dict) -> dict[str, str]:
 
 
 def compare_lock(current: dict, committed: dict) -> Iterator[tuple[str, str, str]]:
+    """Output hashes, stage by stage. Bytes that differ are not a verdict by themselves: last bits move between CPU
+    models where pinning cannot hold; the metrics and the feature sample (compared with tolerances) decide."""
     now, then = _outs(current), _outs(committed)
     for path in sorted(set(now) | set(then)):
         if path not in then or path not in now:
             yield f"dvc.lock: {path}", DIFFERENT, "present in only one of the two lock files"
+        elif now[path] == then[path]:
+            yield f"dvc.lock: {path}", SAME, ""
         else:
-            yield f"dvc.lock: {path}", SAME if now[path] == then[path] else DIFFERENT, \
-                "" if now[path] == then[path] else f"md5 {then[path][:12]} -> {now[path][:12]}"
+            yield f"dvc.lock: {path}", CLOSE, f"bytes differ (md5 {then[path][:12]} -> {now[path][:12]}); judged by " \
+                                              "the metrics and features below"
+
+
+def _inputs(lock: dict) -> dict[str, dict]:
+    """{stage: its cmd, params and the hashes of deps that no stage writes (code, data source)}."""
+    produced = set(_outs(lock))
+    inputs = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        deps = {d["path"]: d.get("md5") or d.get("hash", "") for d in body.get("deps", [])
+                if not any(d["path"] == o or d["path"].startswith(o.rstrip("/") + "/") for o in produced)}
+        inputs[stage] = {"cmd": body.get("cmd"), "params": body.get("params", {}), "deps": deps}
+    return inputs
+
+
+def compare_inputs(current: dict, committed: dict) -> Iterator[tuple[str, str, str]]:
+    """What each stage ran from (command, params, code and source data) must be identical: unlike outputs, inputs do
+    not depend on the CPU, so any difference means the committed results were not made from this checkout."""
+    now, then = _inputs(current), _inputs(committed)
+    for stage in sorted(set(now) | set(then)):
+        a, b = then.get(stage), now.get(stage)
+        if a == b:
+            yield f"inputs: {stage}", SAME, ""
+            continue
+        if a is None or b is None:
+            detail = "stage present in only one of the two lock files"
+        else:
+            changed = [k for k in ("cmd", "params") if a[k] != b[k]]
+            changed += [f"deps {p}" for p in sorted(set(a["deps"]) | set(b["deps"])) if a["deps"].get(p) != b["deps"].get(p)]
+            detail = "changed: " + ", ".join(changed[:6])
+        yield f"inputs: {stage}", DIFFERENT, detail + " (the committed results come from other code or params: " \
+                                                       "run `dvc repro` and commit dvc.lock and the results)"
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -141,7 +175,9 @@ def verify(features: Path, reference: Path, rtol: float, atol: float, margin: fl
     committed_lock = _git_show("dvc.lock")
     if committed_lock is None:
         raise PipelineError("no committed dvc.lock at git HEAD to compare with; commit a reference run first")
-    results += list(compare_lock(yaml.safe_load(Path("dvc.lock").read_text()), yaml.safe_load(committed_lock)))
+    current, committed = yaml.safe_load(Path("dvc.lock").read_text()), yaml.safe_load(committed_lock)
+    results += list(compare_inputs(current, committed))
+    results += list(compare_lock(current, committed))
     for path in _metrics_files(Path("dvc.yaml")):
         then = _git_show(path)
         if then is None or not Path(path).is_file():
