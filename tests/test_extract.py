@@ -5,8 +5,10 @@ Real model (bundled EfficientNet-Lite0), real images (scikit-learn digits as PNG
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from conftest import REPO, copy_hymenoptera_slice, write_digit_folder, write_par
 from PIL import Image
 
 from pipeline.core import extraction as ex
-from pipeline.core.backbone import build_backbone, pool_avg_max
+from pipeline.core.backbone import ImageSizeError, build_backbone, pool_avg_max
 from pipeline.core.dataset import read_index
 from pipeline.core.images import eval_transform, load_rgb
 from pipeline.core.loader import (
@@ -364,3 +366,51 @@ def test_torchvision_decode_extracts_hymenoptera(hymenoptera: Path, tmp_path: Pa
     b = np.concatenate([v["avg"] for v in _features(pil).values()])
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.9, cos
+
+
+# --- backbone.image_size: auto -------------------------------------------------------------------------------------
+
+def _size_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: image size")]
+
+
+def test_auto_image_size_on_digits_is_96_byte_identical_to_image_size_96(tmp_path: Path, caplog):
+    """The default pipeline's features do not change with `auto`: 8x8 digits resolve to exactly 96 px. An explicit
+    size still wins. The log says which size and why."""
+    _, index = prepare_folder(tmp_path, write_digit_folder(tmp_path / "digits", classes=3, per_class=4))
+    auto, fixed, other = tmp_path / "auto.h5", tmp_path / "96.h5", tmp_path / "64.h5"
+    summary = ex.extract_features(index, auto, BackboneConfig(image_size="auto"), ExtractConfig(workers=0))
+    ex.extract_features(index, fixed, BackboneConfig(image_size=96), ExtractConfig(workers=0))
+    ex.extract_features(index, other, BackboneConfig(image_size=64), ExtractConfig(workers=0))
+    assert sha256(auto) == sha256(fixed)
+    assert summary["backbone_config"]["image_size"] == 96 and summary["preprocess"]["size"] == 96
+    with h5py.File(other, "r") as f:
+        assert json.loads(f.attrs["preprocess"])["size"] == 64
+    assert _size_log(caplog) == [
+        "extract: image size 96 px (backbone.image_size: auto; the 6 train images' median short side (8 px) is under "
+        "half the weights' 224 px, so 2 x 8 px rounded up to a multiple of 32, at least 96)",
+        "extract: image size 96 px (backbone.image_size: 96)",
+        "extract: image size 64 px (backbone.image_size: 64)"]
+
+
+def test_auto_image_size_on_hymenoptera_is_the_weights_own(hymenoptera: Path, tmp_path: Path, caplog):
+    src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=2)
+    _, index = prepare_folder(tmp_path, src)
+    summary = ex.extract_features(index, tmp_path / "f.h5", BackboneConfig(image_size="auto"),
+                                  ExtractConfig(workers=0))
+    assert summary["preprocess"]["size"] == 224 and summary["preprocess"]["resize"] == 256
+    [line] = _size_log(caplog)
+    assert line.startswith("extract: image size 224 px (backbone.image_size: auto; the weights' own, since the 4 "
+                           "train images' median short side (") and line.endswith("px) is at least half of it)")
+
+
+def test_auto_image_size_needs_an_index_with_image_sizes(digits60, tmp_path: Path):
+    """An index prepared before sizes were recorded: a clear error, not a silent guess."""
+    index = tmp_path / "old"
+    shutil.copytree(digits60["index"], index)
+    meta = json.loads((index / "classes.json").read_text())
+    del meta["image_sizes"]
+    (index / "classes.json").write_text(json.dumps(meta))
+    with pytest.raises(ImageSizeError, match="no image sizes to decide from.*rerun prepare"):
+        ex.extract_features(index, tmp_path / "f.h5", BackboneConfig(image_size="auto"), ExtractConfig(workers=0))
+    assert not (tmp_path / "f.h5").exists()

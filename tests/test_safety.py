@@ -140,7 +140,7 @@ def test_weights_of_another_architecture_name_both(tmp_path, suffix):
     with pytest.raises(WeightsError, match=rf"backbone.weights '{path}' does not fit backbone '{LITE0}' \(it was "
                                            r"saved from another architecture.*the file has 1\d\d tensors"):
         build_backbone(BackboneConfig(name=LITE0, weights=str(path)))
-    build_backbone(BackboneConfig(name="resnet18", weights=str(path)))  # the right name loads it
+    build_backbone(BackboneConfig(name="resnet18", weights=str(path), image_size=None))  # the right name loads it
 
 
 def test_killed_writer_never_leaves_a_partial_file(tmp_path):
@@ -226,6 +226,21 @@ def test_heads_refuse_features_from_other_params(tiny_cache, tmp_path, override,
     with pytest.raises(StaleFeaturesError, match=expected + r".*run `dvc repro` \(or `python -m pipeline.extract`\)"):
         _heads_main(tiny_cache, params, tmp_path)
     assert not (tmp_path / "head").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_heads_check_auto_image_size_with_and_without_the_index(tiny_cache, tmp_path, caplog):
+    """`auto` on the tiny digits resolves to 96 px from the index, so the 32 px cache is stale; with no index the
+    images are unknown, and 32 px is not a size auto gives, so the cache is compared with the weights' own 224 px."""
+    params = write_params(tmp_path / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": "unused"},
+                                                       "backbone": {"image_size": "auto"}})
+    with pytest.raises(StaleFeaturesError, match=r"attribute 'preprocess' is .*backbone.image_size \(auto: the "
+                                                 r"train images' sizes\) now gives .*size: 32 vs 96"):
+        _heads_main(tiny_cache, params, tmp_path)
+    with pytest.raises(StaleFeaturesError, match=r"size: 32 vs 224"):
+        _heads_main(tiny_cache, params, tmp_path, tmp_path / "no_index")
+    assert "stale-features check: image size 224 px (backbone.image_size: auto, no index to read the train " \
+           "images' sizes from; compared with the weights' own)" in caplog.text
+    assert not (tmp_path / "head").exists()
 
 
 def test_heads_refuse_features_from_another_index(tiny_cache, tmp_path):

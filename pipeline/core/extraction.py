@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
+from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max, resolve_image_size
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
@@ -44,7 +44,7 @@ from pipeline.core.checkpoints import (
     partial_dir,
     prepare_partial,
 )
-from pipeline.core.dataset import read_index
+from pipeline.core.dataset import IMAGE_SIZES_KEY, read_index
 from pipeline.core.loader import DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
@@ -159,12 +159,16 @@ def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], to
 def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
     """Writes the features file for every row of the index (resuming a partial run); returns a summary.
 
-    Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`.
+    Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
+    auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used.
     """
     index_dir, out = Path(index_dir), Path(out)
     rows, meta = read_index(index_dir)
     _check_index(rows, index_dir)
     info = dist_info()
+    backbone, size_reason = resolve_image_size(backbone, meta.get(IMAGE_SIZES_KEY))
+    if info.is_main:
+        log.info("extract: image size %d px (%s)", backbone.image_size, size_reason)
     set_deterministic()
     device = resolve_device(cfg.device)
     with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
@@ -209,4 +213,5 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
             "img_per_s": extracted / seconds if seconds > 0 else 0.0, "device": str(device),
             "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features,
             "preprocess": pre.to_dict(), "weights_sha256": weights_sha, "backbone_config": to_dict(backbone),
+            "image_size_reason": size_reason,
             "extract_config": to_dict(cfg)}
