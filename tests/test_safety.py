@@ -212,8 +212,8 @@ def _heads_main(cache: dict, params: Path, tmp_path: Path, index: Path | None = 
     ({"backbone": {"image_size": 48}}, r"attribute 'preprocess' is .* \(resize: 36 vs 54, size: 32 vs 48\)"),
     ({"extract": {"dtype": "float16"}}, r"attribute 'dtype' is 'float32', but extract.dtype now gives 'float16'"),
     ({"extract": {"precision": "bf16"}}, r"attribute 'precision' is 'fp32', but extract.precision now gives 'bf16'"),
-    ({"extract": {"decode": "torchvision"}},
-     r"attribute 'decode' is 'pil', but extract.decode now gives 'torchvision'"),
+    ({"extract": {"decode": "torchcodec"}},
+     r"attribute 'decode' is 'pil', but extract.decode now gives 'torchcodec'"),
     ({"backbone": {"name": "resnet18", "weights": "hub"}},
      rf"attribute 'backbone' is '{LITE0}', but backbone.name now gives 'resnet18'"),
 ])

@@ -45,7 +45,7 @@ from pipeline.core.checkpoints import (
     prepare_partial,
 )
 from pipeline.core.dataset import IMAGE_SIZES_KEY, read_index
-from pipeline.core.loader import DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
@@ -63,13 +63,19 @@ class ExtractError(PipelineError, ValueError):
     """The index or a partial extraction cannot be used as it is; the message says what to do."""
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(decode: str = "pil") -> dict[str, str]:
+    """The versions recorded in the file; TorchCodec's only when it decoded (the `pil` file's bytes stay as they were)."""
     import PIL
     import timm
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    if decode in JPEG_ROUTES:
+        import torchcodec
+
+        versions["torchcodec"] = torchcodec.__version__
+    return versions
 
 
 def share(items: Sequence, rank: int, world_size: int) -> list:
@@ -181,7 +187,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
             "preprocess": json.dumps(pre.to_dict(), sort_keys=True), "precision": cfg.precision,
             "dtype": cfg.dtype, "decode": cfg.decode, "index_sha256": sha256_file(index_dir / "index.csv"),
             "classes": json.dumps(meta["classes"]), "num_features": net.num_features,
-            "versions": json.dumps(library_versions(), sort_keys=True), "pooling_order": "avg,max",
+            "versions": json.dumps(library_versions(cfg.decode), sort_keys=True), "pooling_order": "avg,max",
         }
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}

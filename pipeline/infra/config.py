@@ -99,14 +99,15 @@ class BackboneConfig:
 class ExtractConfig:
     """How extraction runs. Only `precision`, `dtype` and `decode` change the output; the rest is speed.
 
-    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchvision`
-    (`torchvision.io.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL).
+    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchcodec`
+    (`torchcodec.decoders.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL);
+    `torchvision` is its deprecated alias (the same decoding, logged once), from before torchvision 0.29.
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
     """
 
     precision: Literal["fp32", "bf16"] = "fp32"
     dtype: Literal["float32", "float16"] = "float32"
-    decode: Literal["pil", "torchvision"] = "pil"
+    decode: Literal["pil", "torchcodec", "torchvision"] = "pil"
     batch_size: int = _speed(64)
     workers: int = _speed(2)
     checkpoint_rows: int = _speed(1024)
