@@ -10,11 +10,17 @@ and its parts are timed alone (input path, input + device preprocessing, model) 
 - pipeline: `pipeline.extract.extract_features` writing the HDF5 file (checkpoints, assembly and rename included).
 
 Model build time is excluded from both. Files are read once beforehand so both find them in the page cache.
+
+`--compare-decoders` times the JPEG decoders of the `decode: torchcodec` route side by side instead, through the
+very same route: TorchCodec's (the pipeline's) and torchvision.io.decode_jpeg (deprecated since torchvision 0.29, the
+decoder the route used before): the decoder alone, the route's per-image work, the input path with its DataLoader
+workers, and the pipeline end to end; img/s of each and the ratio, and whether the two features files are identical.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -31,14 +37,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULT = "BENCH_RESULT "
+# The JPEG decoders --compare-decoders times through the `torchcodec` route, the pipeline's last.
+JPEG_DECODERS = {"torchvision": "torchvision.io.decode_jpeg (deprecated)", "torchcodec": "torchcodec.decoders.decode_jpeg"}
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-GPU_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --decode torchvision "
+GPU_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --decode torchcodec "
                "--batch-size 256 --workers 15 --rss-n 40000")
+GPU_DECODERS_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --batch-size 256 "
+                        "--workers 15 --repeat 2 --compare-decoders")
 EPILOG = f"""
 examples:
   CPU (2 cores, 224 px, fp32):  python bench/extract.py --generate 256 --batch-size 32 --workers 2
   real photos:                  python bench/extract.py --images ../shared/data/hymenoptera_data
   GPU (H100/H200, bf16, nvjpeg): {GPU_COMMAND}
+  decoders side by side (CPU):  python bench/extract.py --generate 256 --batch-size 16 --workers 2 --compare-decoders
+  decoders side by side (GPU):  {GPU_DECODERS_COMMAND}
 
 The GPU command generates 10,000 JPEGs of 500x375, times both loops on them with 15 workers and batch 256, times
 the pipeline again on 40,000 rows (the same files cycled) for peak RSS, and times the parts alone.
@@ -163,8 +175,10 @@ def child_pipeline(a: argparse.Namespace) -> dict:
                                ExtractConfig(precision=a.precision, dtype="float32", decode=a.decode,
                                              batch_size=a.batch_size, workers=a.workers, device=a.device))
     size = out.stat().st_size
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
     out.unlink()
-    return {"rows": summary["rows"], "seconds": summary["seconds"], "file_mb": size / 2**20, **_peak_rss_mb()}
+    return {"rows": summary["rows"], "seconds": summary["seconds"], "file_mb": size / 2**20, "sha256": digest,
+            **_peak_rss_mb()}
 
 
 def child_parts(a: argparse.Namespace) -> dict:
@@ -225,6 +239,85 @@ def _parts(a: argparse.Namespace) -> dict:
     return out
 
 
+def use_jpeg_decoder(name: str) -> None:
+    """Makes the `torchcodec` route decode with `name` (JPEG_DECODERS) in this process and its forked workers."""
+    if name == "torchcodec":
+        return  # the pipeline's own
+    import multiprocessing
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline.core import loader
+
+    # What is measured is the deprecated decoder itself; its warning would only fill the log of every call.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    loader.jpeg_decoder = lambda raw, device: decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    if multiprocessing.get_start_method() != "fork":  # spawned DataLoader workers would not see the swap
+        raise SystemExit(f"bench: --compare-decoders needs forked DataLoader workers, not "
+                         f"{multiprocessing.get_start_method()!r}")
+
+
+def child_decode(a: argparse.Namespace) -> dict:
+    """One JPEG decoder through the route: alone (full size), the route's per-image work, the input path."""
+    import torch
+
+    from pipeline.core import loader
+    from pipeline.core.backbone import build_backbone
+    from pipeline.core.dataset import read_index
+    from pipeline.infra.config import BackboneConfig
+
+    device = torch.device(a.device)
+    _, pre, _ = build_backbone(BackboneConfig(name=a.model, weights="bundled", image_size=a.image_size))
+    rows, meta = read_index(Path(a.index))
+    paths = [str(Path(meta["source"]) / r["path"]) for r in rows]
+    raw = []
+    for p in paths:
+        data = Path(p).read_bytes()
+        stripped = loader.strip_app1(data) if loader.jpeg_orientation(data) is not None else None
+        if stripped is None:
+            raise SystemExit(f"bench: {p} does not take the JPEG route")
+        raw.append(torch.frombuffer(stripped, dtype=torch.uint8))
+    def best_rate(work, passes: int = 3) -> float:  # short loops: the best of a few passes, against load spikes
+        seconds = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            work()
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        return len(raw) / min(seconds)
+
+    def decode_all():
+        if device.type == "cuda":  # as the route does on a GPU: lists of DECODE_GROUP in one call
+            for g in range(0, len(raw), loader.DECODE_GROUP):
+                loader.jpeg_decoder(raw[g:g + loader.DECODE_GROUP], device)
+        else:
+            for r in raw:
+                loader.jpeg_decoder(r, device)
+
+    # the route's own work per image, as a worker (CPU) or the main process (GPU) does it, without a DataLoader
+    ids = list(range(len(rows)))
+    ds = loader.ExtractDataset(meta["source"], [r["path"] for r in rows], ids, pre, "torchcodec",
+                               defer_jpeg=device.type == "cuda")
+    to_input = loader.DeviceInput(pre, device)
+
+    def route_all():
+        with torch.inference_mode():
+            for b in range(0, len(ds), a.batch_size):
+                to_input.pixels(loader.collate([ds[i] for i in ids[b:b + a.batch_size]]))
+
+    loader.jpeg_decoder(raw[:2], device)  # warm-up (nvjpeg handles, CUDA context)
+    out = {"decode_img_s": best_rate(decode_all), "route_img_s": best_rate(route_all)}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader.make_loader(ds, a.batch_size, a.workers, device):
+            to_input.pixels(batch)
+    _sync(device)
+    out["input_img_s"] = len(ds) / (time.perf_counter() - t0)
+    return out
+
+
 def run_child(kind: str, a: argparse.Namespace, env_extra: dict[str, str] | None = None, **extra) -> dict:
     """Runs one measurement in a fresh Python process with the thread budget in its environment."""
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
@@ -233,7 +326,8 @@ def run_child(kind: str, a: argparse.Namespace, env_extra: dict[str, str] | None
             "--n", str(extra.get("n", a.n)), "--index", str(extra.get("index", "")),
             "--out", str(extra.get("out", "")), "--batch-size", str(a.batch_size), "--workers", str(a.workers),
             "--threads", str(a.threads), "--image-size", str(a.image_size), "--device", a.device,
-            "--precision", a.precision, "--decode", a.decode, "--model", a.model]
+            "--precision", a.precision, "--decode", extra.get("decode", a.decode), "--model", a.model,
+            "--jpeg-decoder", extra.get("jpeg_decoder", "torchcodec")]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
@@ -280,13 +374,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tf_efficientnet_lite0", help="backbone, bundled weights (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pipeline only (default: %(default)s)")
-    p.add_argument("--decode", choices=("pil", "torchvision"), default="pil",
-                   help="pipeline only; torchvision = nvjpeg on a GPU (default: %(default)s)")
+    p.add_argument("--decode", choices=("pil", "torchcodec", "torchvision"), default="pil",
+                   help="pipeline only; torchcodec = nvjpeg on a GPU, torchvision = its deprecated alias "
+                        "(default: %(default)s)")
+    p.add_argument("--compare-decoders", action="store_true",
+                   help="instead of the two loops: the `torchcodec` route with TorchCodec's JPEG decoder and with "
+                        "torchvision.io.decode_jpeg (deprecated), side by side (alone, route, input path, end to end)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each loop this many times, alternating, and keep the best (default: %(default)s)")
     p.add_argument("--no-parts", action="store_true", help="skip timing the pipeline's parts alone")
     p.add_argument("--workdir", type=Path, help="keep generated images and indexes here (default: a temp folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--jpeg-decoder", default="torchcodec", choices=tuple(JPEG_DECODERS), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--index", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -299,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-        fn = {"textbook": child_textbook, "pipeline": child_pipeline, "parts": child_parts}[a.child]
+        use_jpeg_decoder(a.jpeg_decoder)
+        fn = {"textbook": child_textbook, "pipeline": child_pipeline, "parts": child_parts,
+              "decode": child_decode}[a.child]
         print(RESULT + json.dumps(fn(a)), flush=True)
         return
     import torch
@@ -332,11 +433,17 @@ def _drive(a: argparse.Namespace) -> None:
     for p, _ in samples:  # page cache: neither loop pays for the disk
         (a.root / p).read_bytes()
     index = write_index(a.workdir / f"index-{a.n}", a.root, classes, cycled(samples, a.n))
-    index2 = write_index(a.workdir / f"index-{rss_n}", a.root, classes, cycled(samples, rss_n))
 
     print(f"machine: {machine(a.device)}")
     print(f"images:  {a.n} rows from {len(samples)} {what} (mean {total / len(samples) / 1024:.0f} KB), "
           f"{a.image_size} px, {a.model}")
+    if a.compare_decoders:
+        print(f"budget:  batch {a.batch_size}, {a.workers} DataLoader workers, {a.threads} torch threads, "
+              f"device {a.device}; pipeline precision {a.precision}, decode torchcodec with each JPEG decoder",
+              flush=True)
+        compare_decoders(a, index)
+        return
+    index2 = write_index(a.workdir / f"index-{rss_n}", a.root, classes, cycled(samples, rss_n))
     print(f"budget:  batch {a.batch_size}, {a.workers} DataLoader workers, {a.threads} torch threads, "
           f"device {a.device}; pipeline precision {a.precision}, decode {a.decode}", flush=True)
     textbooks, pipelines = [], []
@@ -388,6 +495,36 @@ def _drive(a: argparse.Namespace) -> None:
             shared = 1 / (1 / parts["input_device_img_s"] + 1 / parts["model_img_s"])
             print(f"CPU: parts share the cores, so the bound is 1/(1/input+preprocessing + 1/model) = {shared:.0f} "
                   f"img/s; end to end reaches {100 * rate['p'] / shared:.0f}% of it")
+
+
+def compare_decoders(a: argparse.Namespace, index: Path) -> None:
+    """Both JPEG decoders through the `torchcodec` route, alternated `--repeat` times (best kept), and their ratio."""
+    runs: dict[str, list[dict]] = {name: [] for name in JPEG_DECODERS}
+    for _ in range(a.repeat):  # alternated, so that load from other processes hits both decoders alike
+        for name in JPEG_DECODERS:
+            parts = run_child("decode", a, index=index, jpeg_decoder=name)
+            end = run_child("pipeline", a, index=index, out=a.workdir / f"features-{name}.h5", decode="torchcodec",
+                            jpeg_decoder=name)
+            runs[name].append({**parts, "pipeline_img_s": end["rows"] / end["seconds"], "sha256": end["sha256"]})
+    columns = (("decode_img_s", "decoder alone (full size)"), ("route_img_s", "route per image (no DataLoader)"),
+               ("input_img_s", f"input path ({a.workers} workers)"), ("pipeline_img_s", "pipeline end to end"))
+    if a.repeat > 1:
+        for name, rs in runs.items():
+            print(f"runs (img/s), {name}: " + "; ".join(
+                label.split(" (")[0] + " " + ", ".join(f"{r[key]:.1f}" for r in rs) for key, label in columns)
+                + " (best kept)")
+    best = {name: {key: max(r[key] for r in rs) for key, _ in columns} for name, rs in runs.items()}
+    print()
+    print("| JPEG decoder | " + " | ".join(f"{label} img/s" for _, label in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, label in JPEG_DECODERS.items():
+        print(f"| {label} | " + " | ".join(f"{best[name][key]:.1f}" for key, _ in columns) + " |")
+    old, new = best["torchvision"], best["torchcodec"]
+    print("| ratio torchcodec / torchvision | " + " | ".join(f"{new[key] / old[key]:.2f}x" for key, _ in columns)
+          + " |")
+    digests = {r["sha256"] for rs in runs.values() for r in rs}
+    print()
+    print("features files of every run byte-identical: " + ("yes" if len(digests) == 1 else f"no ({len(digests)})"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Stage `prepare`: builds the dataset index from an ImageFolder root.
 
-The root holds one subfolder per class, or `train/`, `val/` (and optionally `test/`) folders that each hold one
-subfolder per class. Without split folders the split is a deterministic stratified draw: each file's place is
-decided by a hash of the seed and its relative path, so adding one image never reshuffles the others.
+The root holds one subfolder per class, or `train/`, `val/` (or `valid/`, or `validation/`; and optionally `test/`)
+folders that each hold one subfolder per class; `data.val_fraction` and `data.test_fraction` apply only without
+split folders. Without them the split is a deterministic stratified draw: each file's place is decided by a hash of
+the seed and its relative path, so adding one image never reshuffles the others.
 
 Every file under the root is decoded once, in full, with the same loader extraction uses, so a file that is in the
 index can be read later. Files that cannot be used (corrupt, truncated, empty, not an image, over
@@ -10,8 +11,9 @@ index can be read later. Files that cannot be used (corrupt, truncated, empty, n
 counted in the log; with `data.on_bad_file: error` any of them (hidden files aside) stops the stage instead.
 
 Outputs (in `--out`): `index.csv` (id, path, class, label, split, sha256 of the file's bytes, sorted by split then
-path), `classes.json` (class list, source, counts, warnings), `skipped.csv` (path, reason) and `duplicates.csv`
-(files with byte-identical twins, so leakage between splits can be checked).
+path), `classes.json` (class list, source, counts, warnings, the train images' sizes for `backbone.image_size: auto`),
+`skipped.csv` (path, reason) and `duplicates.csv` (files with byte-identical twins, so leakage between splits can be
+checked).
 
     python -m pipeline.prepare --params params.yaml --out data/prepared
 """

@@ -8,7 +8,17 @@ import timm
 import torch
 import torchvision
 
-from pipeline.core.backbone import WeightsError, build_backbone, imagenet_classifier, pool_avg_max
+from pipeline.core.backbone import (
+    ImageSizeError,
+    WeightsError,
+    auto_image_size,
+    auto_sizes,
+    build_backbone,
+    imagenet_classifier,
+    pool_avg_max,
+    resolve_image_size,
+    resolve_preprocess,
+)
 from pipeline.core.images import eval_transform, load_rgb
 from pipeline.infra.config import BackboneConfig
 
@@ -86,3 +96,53 @@ def test_bundled_weights_refuse_other_backbones():
         build_backbone(BackboneConfig(name="resnet34", weights="bundled"))
     with pytest.raises(WeightsError, match="neither a timm nor a torchvision"):
         build_backbone(BackboneConfig(name="no_such_net", weights="hub"))
+
+
+# --- backbone.image_size: auto -------------------------------------------------------------------------------------
+
+DIGIT_SIZES = {"split": "train", "images": 1079, "short_side": {"min": 8, "median": 8.0, "max": 8},
+               "long_side": {"min": 8, "median": 8.0, "max": 8}}
+PHOTO_SIZES = {"split": "train", "images": 245, "short_side": {"min": 130, "median": 369.0, "max": 1488},
+               "long_side": {"min": 193, "median": 500.0, "max": 1984}}
+
+
+@pytest.mark.parametrize("native,median,size", [
+    (224, 8, 96),      # the digits: 2 x 8 = 16 -> 32 -> at least 96
+    (224, 369, 224),   # hymenoptera photos: the weights' own
+    (224, 112, 224),   # exactly half: the weights' own
+    (224, 111, 224),   # 222 -> 224
+    (224, 60, 128),    # 120 -> 128
+    (224, 40, 96),     # 80 -> 96
+    (299, 140, 288),   # never above the weights' own, multiples of 32 below it
+    (299, 149, 299),   # 298 -> 320, capped at the weights' own
+])
+def test_auto_image_size_rule(native, median, size):
+    assert auto_image_size(native, median) == size
+    assert size in auto_sizes(native)
+
+
+def test_auto_resolves_to_96_for_digits_and_224_for_photos():
+    digits, why = resolve_image_size(BackboneConfig(), DIGIT_SIZES)
+    assert digits.image_size == 96
+    assert why == ("backbone.image_size: auto; the 1079 train images' median short side (8 px) is under half the "
+                   "weights' 224 px, so 2 x 8 px rounded up to a multiple of 32, at least 96")
+    photos, why = resolve_image_size(BackboneConfig(), PHOTO_SIZES)
+    assert photos.image_size == 224 and "the weights' own" in why and "(369 px) is at least half" in why
+    # same preprocessing as the explicit size: the default pipeline's features are unchanged by `auto`
+    assert resolve_preprocess(digits) == resolve_preprocess(BackboneConfig(image_size=96))
+
+
+def test_an_explicit_size_wins_and_null_is_the_weights_own():
+    cfg, why = resolve_image_size(BackboneConfig(image_size=160), DIGIT_SIZES)
+    assert cfg.image_size == 160 and why == "backbone.image_size: 160"
+    cfg, why = resolve_image_size(BackboneConfig(image_size=None), DIGIT_SIZES)
+    assert cfg.image_size == 224 and why == "backbone.image_size: null, the weights' own"
+    assert resolve_preprocess(cfg) == resolve_preprocess(BackboneConfig(image_size=None))
+
+
+def test_auto_needs_the_image_sizes_and_is_never_built_unresolved():
+    with pytest.raises(ImageSizeError, match="backbone.image_size is auto, but the dataset index has no image sizes"
+                                             ".*rerun prepare"):
+        resolve_image_size(BackboneConfig(), None)
+    with pytest.raises(ValueError, match="must be resolved"):
+        resolve_preprocess(BackboneConfig(image_size="auto"))

@@ -65,6 +65,15 @@ def test_out_of_range(tmp_path, text, expected):
         load_section("data", _params(tmp_path, text))
 
 
+@pytest.mark.parametrize("value", ["big", "Auto", "true", "224.0", "[224]"])
+def test_image_size_is_an_int_null_or_auto(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"backbone.image_size = .* is not allowed; allowed: an integer in "
+                                          r"\[16, 4096\] \(pixels\), null \(the weights' own size\) or auto$"):
+        load_section("backbone", _params(tmp_path, f"backbone:\n  image_size: {value}\n"))
+    for text, want in (("auto", "auto"), ("null", None), ("160", 160)):
+        assert load_section("backbone", _params(tmp_path, f"backbone:\n  image_size: {text}\n")).image_size == want
+
+
 def test_every_section_is_checked_by_every_stage(tmp_path):
     """A typo in finetune stops prepare at once, not hours later when fine-tuning starts."""
     params = write_params(tmp_path / "params.yaml", finetune={"epoch": 3})

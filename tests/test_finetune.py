@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import finetune_run
+from conftest import TINY, finetune_run, write_params
 
+from pipeline import extract, heads
 from pipeline.core.heads import fit_head, save_head
 from pipeline.core.network import load_checkpoint
 from pipeline.core.optim import apply_bn_mode, lr_factor, make_optimizer, set_trainable
+from pipeline.core.prediction import load_model
 from pipeline.core.selection import select_head
 from pipeline.core.training import ParityError, check_parity
 from pipeline.infra.artifacts import read_json, write_json
@@ -179,3 +181,28 @@ def test_random_head_starts_from_chance(fitted, tmp_path):
                   tmp_path / "f.json")
     assert metrics["warm_start"] is False
     assert metrics["start_val"]["accuracy"] < fitted["metrics"]["logreg"]["val"]["accuracy"]
+
+
+def test_auto_image_size_agrees_everywhere_and_is_recorded_as_a_number(tiny_cache, tmp_path, caplog):
+    """`image_size: auto` on the digits: extract, the heads' check (with and without the index), finetune and
+    model.json all use 96 px, and predict reads 96 px back from the saved models, never from params.yaml."""
+    params = write_params(tmp_path / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": "unused"},
+                                                       "backbone": {"image_size": "auto"}})
+    models, features = tmp_path / "models", tmp_path / "features.h5"
+    extract.main(["--params", str(params), "--index", str(tiny_cache["index"]), "--out", str(features)])
+    for index in (tiny_cache["index"], tmp_path / "no_index"):
+        heads.main(["logreg", "--params", str(params), "--features", str(features), "--index", str(index),
+                    "--out", str(models / "heads" / "logreg"), "--metrics", str(tmp_path / "logreg.json")])
+    write_json(models / "selected.json", select_head({"logreg": read_json(tmp_path / "logreg.json")}))
+    finetune_run(params, tiny_cache["index"], features, models / "heads", models / "selected.json",
+                 models / "finetune", tmp_path / "finetune.json")
+    sizes = [r.getMessage() for r in caplog.records if "image size" in r.getMessage()]
+    assert sizes[0].startswith("extract: image size 96 px (backbone.image_size: auto; the 24 train images' median")
+    assert sizes[1].startswith("stale-features check: image size 96 px (backbone.image_size: auto; the 24 train")
+    assert sizes[2] == ("stale-features check: image size 96 px (backbone.image_size: auto, no index to read the "
+                        "train images' sizes from; the features' 96 px is a size auto gives for these weights)")
+    assert sizes[3].startswith("finetune: image size 96 px (backbone.image_size: auto; the 24 train images'")
+    assert read_json(models / "finetune" / "model.json")["backbone"]["image_size"] == 96
+    for kind in ("finetune", "head"):
+        _, pre, _, _ = load_model(kind, models)
+        assert (pre.size, pre.resize) == (96, 109)

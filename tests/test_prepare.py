@@ -150,10 +150,11 @@ def test_hidden_files_alone_never_fail_strict_mode(tmp_path):
     assert meta["skipped"] == 1 and _csv(out / "skipped.csv")[0]["reason"] == "hidden file"
 
 
-def _split_tree(tmp_path: Path, train: list[int], val: list[int]) -> Path:
+def _split_tree(tmp_path: Path, train: list[int], val: list[int], val_name: str = "val") -> Path:
+    """train/ (5 digits per class) and a val folder named `val_name` (3 others per class) of real digit scans."""
     digits = write_digit_folder(tmp_path / "src", classes=max(train + val) + 1, per_class=8)
     root = tmp_path / "split"
-    for split, classes, files in (("train", train, slice(0, 5)), ("val", val, slice(5, 8))):
+    for split, classes, files in (("train", train, slice(0, 5)), (val_name, val, slice(5, 8))):
         for c in classes:
             (root / split / str(c)).mkdir(parents=True)
             for f in sorted((digits / str(c)).iterdir())[files]:
@@ -198,6 +199,68 @@ def test_duplicates_across_splits_warn_with_count(tmp_path, caplog):
     assert len(dups) == 8 and {d["path"] for d in dups} >= {"val/0/copy a.png", "val/1/copy c.png"}
 
 
+# --- split folders as users name them ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("val_name", ["valid", "validation"])
+def test_valid_and_validation_folders_are_the_val_split(tmp_path, val_name):
+    """fastai / Kaggle (valid/) and Keras (validation/) layouts: the folder is read as val; paths keep its name."""
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1], val_name=val_name)
+    out, meta = _run(tmp_path, root)
+    rows = _csv(out / "index.csv")
+    val = [r for r in rows if r["split"] == "val"]
+    assert meta["counts"] == {"train": {"0": 5, "1": 5}, "val": {"0": 3, "1": 3}}
+    assert len(val) == 6 and all(r["path"].startswith(f"{val_name}/") for r in val)
+    assert meta["skipped"] == 0
+
+
+def test_two_val_folders_are_an_error_naming_both(tmp_path):
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1])
+    shutil.copytree(root / "val", root / "valid")
+    with pytest.raises(DataSourceError, match=r"has both val/ and valid/: both would be the val split; keep one"):
+        _run(tmp_path, root)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_split_folders_without_val_name_the_folders_and_the_accepted_names(tmp_path):
+    """With split folders the fractions do not apply, so the message must not send the user to data.val_fraction."""
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1], val_name="test")
+    with pytest.raises(DataSourceError, match=r"no val images: data.source '.*' has split folders \(train/, test/\) "
+                                              r"but no val folder; add one named any of val/, valid/, validation/ "
+                                              r"\(with split folders, data.val_fraction is not used\)"):
+        _run(tmp_path, root)
+
+
+def test_no_val_without_split_folders_names_the_fraction(tmp_path):
+    root = write_digit_folder(tmp_path / "few", classes=2, per_class=2)  # round(0.2 x 2) = 0 val images per class
+    with pytest.raises(DataSourceError, match=r"no val images: data.val_fraction = 0.2 .*raise data.val_fraction"):
+        _run(tmp_path, root)
+
+
+def test_valid_without_train_is_a_class_folder(tmp_path):
+    """A `valid` vs `invalid` classifier: without train/ beside it, valid/ is a class, not a split."""
+    root = tmp_path / "docs"
+    digits = write_digit_folder(tmp_path / "src", classes=2, per_class=10)
+    shutil.copytree(digits / "0", root / "valid")
+    shutil.copytree(digits / "1", root / "invalid")
+    _, meta = _run(tmp_path, root)
+    assert meta["classes"] == ["invalid", "valid"] and sum(meta["counts"]["val"].values()) == 4
+
+
+# --- image sizes for backbone.image_size: auto --------------------------------------------------------------------
+
+def test_classes_json_records_the_train_images_sizes(tmp_path):
+    """Median, min and max of the short and long sides of the train split only (as loaded: EXIF rotation applied)."""
+    root = _split_tree(tmp_path, train=[0, 1], val=[0, 1])
+    _photo(tmp_path, (60, 40)).save(root / "val" / "0" / "big.png")  # val: not counted
+    exif = Image.Exif()
+    exif[274] = 6  # stored 48 wide x 32 high, shown rotated: 32 x 48; either way short 32, long 48
+    _photo(tmp_path, (48, 32)).save(root / "train" / "1" / "rotated.jpg", exif=exif.tobytes())
+    _, meta = _run(tmp_path, root)
+    assert meta["image_sizes"] == {"split": "train", "images": 11,
+                                   "short_side": {"min": 8, "median": 8.0, "max": 32},
+                                   "long_side": {"min": 8, "median": 8.0, "max": 48}}
+
+
 @pytest.mark.parametrize("kind", ["missing", "file", "no_class_folders", "empty"])
 def test_bad_source_is_one_clear_error(tmp_path, kind):
     if kind == "missing":
@@ -238,3 +301,4 @@ def test_hymenoptera_as_it_is(hymenoptera, tmp_path):
     assert len(rows) == 398 and meta["skipped"] == 0
     assert {"train/ants/imageNotFound.gif", "train/ants/formica.jpeg"} <= paths
     assert meta["counts"]["train"] == {"ants": 124, "bees": 121} and meta["counts"]["val"] == {"ants": 70, "bees": 83}
+    assert meta["image_sizes"]["images"] == 245 and meta["image_sizes"]["short_side"]["median"] == 369.0

@@ -140,7 +140,7 @@ def test_weights_of_another_architecture_name_both(tmp_path, suffix):
     with pytest.raises(WeightsError, match=rf"backbone.weights '{path}' does not fit backbone '{LITE0}' \(it was "
                                            r"saved from another architecture.*the file has 1\d\d tensors"):
         build_backbone(BackboneConfig(name=LITE0, weights=str(path)))
-    build_backbone(BackboneConfig(name="resnet18", weights=str(path)))  # the right name loads it
+    build_backbone(BackboneConfig(name="resnet18", weights=str(path), image_size=None))  # the right name loads it
 
 
 def test_killed_writer_never_leaves_a_partial_file(tmp_path):
@@ -212,8 +212,8 @@ def _heads_main(cache: dict, params: Path, tmp_path: Path, index: Path | None = 
     ({"backbone": {"image_size": 48}}, r"attribute 'preprocess' is .* \(resize: 36 vs 54, size: 32 vs 48\)"),
     ({"extract": {"dtype": "float16"}}, r"attribute 'dtype' is 'float32', but extract.dtype now gives 'float16'"),
     ({"extract": {"precision": "bf16"}}, r"attribute 'precision' is 'fp32', but extract.precision now gives 'bf16'"),
-    ({"extract": {"decode": "torchvision"}},
-     r"attribute 'decode' is 'pil', but extract.decode now gives 'torchvision'"),
+    ({"extract": {"decode": "torchcodec"}},
+     r"attribute 'decode' is 'pil', but extract.decode now gives 'torchcodec'"),
     ({"backbone": {"name": "resnet18", "weights": "hub"}},
      rf"attribute 'backbone' is '{LITE0}', but backbone.name now gives 'resnet18'"),
 ])
@@ -226,6 +226,21 @@ def test_heads_refuse_features_from_other_params(tiny_cache, tmp_path, override,
     with pytest.raises(StaleFeaturesError, match=expected + r".*run `dvc repro` \(or `python -m pipeline.extract`\)"):
         _heads_main(tiny_cache, params, tmp_path)
     assert not (tmp_path / "head").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_heads_check_auto_image_size_with_and_without_the_index(tiny_cache, tmp_path, caplog):
+    """`auto` on the tiny digits resolves to 96 px from the index, so the 32 px cache is stale; with no index the
+    images are unknown, and 32 px is not a size auto gives, so the cache is compared with the weights' own 224 px."""
+    params = write_params(tmp_path / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": "unused"},
+                                                       "backbone": {"image_size": "auto"}})
+    with pytest.raises(StaleFeaturesError, match=r"attribute 'preprocess' is .*backbone.image_size \(auto: the "
+                                                 r"train images' sizes\) now gives .*size: 32 vs 96"):
+        _heads_main(tiny_cache, params, tmp_path)
+    with pytest.raises(StaleFeaturesError, match=r"size: 32 vs 224"):
+        _heads_main(tiny_cache, params, tmp_path, tmp_path / "no_index")
+    assert "stale-features check: image size 224 px (backbone.image_size: auto, no index to read the train " \
+           "images' sizes from; compared with the weights' own)" in caplog.text
+    assert not (tmp_path / "head").exists()
 
 
 def test_heads_refuse_features_from_another_index(tiny_cache, tmp_path):

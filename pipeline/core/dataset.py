@@ -4,7 +4,8 @@ reading it back.
 The root holds one subfolder per class, or split folders (`train/`, `val/` or `valid/` or `validation/`, optionally
 `test/`) that each hold one subfolder per class. Without split folders the split is a deterministic stratified draw:
 each file's place is decided by a hash of the seed and its relative path, so adding one image never reshuffles the
-others. Every file is decoded once, in full, with the loader extraction uses, so a file in the index can be read later.
+others. Every file is decoded once, in full, with the loader extraction uses, so a file in the index can be read later;
+the train images' sizes are recorded in classes.json (`image_sizes`), for `backbone.image_size: auto`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ from pipeline.infra.runtime import progress_disabled
 log = logging.getLogger("pipeline.prepare")
 
 SPLITS = ("train", "val", "test")
+# Folder names read as the val split: val/ (torchvision tutorials), valid/ (fastai, Kaggle), validation/ (Keras).
+VAL_FOLDERS = ("val", "valid", "validation")
+IMAGE_SIZES_KEY = "image_sizes"  # classes.json: size statistics of the train images
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 INDEX_FIELDS = ("id", "path", "class", "label", "split", "sha256")
 DUPLICATE_FIELDS = ("sha256", "path", "class", "split")
@@ -65,6 +70,16 @@ class ScanResult:
     skipped: list[tuple[str, str]]
     warnings: list[str] = field(default_factory=list)
     duplicates: dict[str, int] = field(default_factory=dict)
+    image_sizes: dict = field(default_factory=dict)  # see image_size_stats
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One candidate after decoding: its sha256 and (width, height) when usable, else the reason it is not."""
+
+    sha256: str | None = None
+    reason: str | None = None
+    size: tuple[int, int] | None = None
 
 
 def _printable(rel: str) -> str:
@@ -152,6 +167,31 @@ def _class_dirs(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> lis
     return dirs
 
 
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of `root` by split (`val` from any of VAL_FOLDERS); empty when it holds class folders.
+
+    valid/ and validation/ count only beside a train/ folder: without one they are more likely classes (a `valid` vs
+    `invalid` classifier) than a split layout missing its train part. val/ and test/ alone stay an error, as before.
+    """
+    found = {name: root / name for name in ("train", *VAL_FOLDERS, "test") if (root / name).is_dir()}
+    if "train" not in found:
+        strict = sorted(f"{name}/" for name in found if name in ("val", "test"))
+        if strict:
+            raise DataSourceError(f"data.source '{root}' has {' and '.join(strict)} but no train/ folder; add "
+                                  "train/ (split folders), or put every class folder directly under the root")
+        return {}
+    vals = [name for name in VAL_FOLDERS if name in found]
+    if len(vals) > 1:
+        raise DataSourceError(f"data.source '{root}' has both {' and '.join(f'{v}/' for v in vals)}: both would be "
+                              "the val split; keep one (merge them or move one out of the root)")
+    dirs = {"train": found["train"]}
+    if vals:
+        dirs["val"] = found[vals[0]]
+    if "test" in found:
+        dirs["test"] = found["test"]
+    return dirs
+
+
 def _find_candidates(root: Path) -> tuple[dict[str, Path], list[str], list[Candidate], list[tuple[str, str]]]:
     """Walks the ImageFolder tree; returns split folders, class folder names, candidates and skipped files."""
     if not root.exists():
@@ -159,15 +199,14 @@ def _find_candidates(root: Path) -> tuple[dict[str, Path], list[str], list[Candi
                               "(one subfolder per class, or train/ val/ [test/] folders of class subfolders)")
     if not root.is_dir():
         raise DataSourceError(f"data.source '{root}' is a file; it must be a folder of class subfolders")
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if split_dirs and "train" not in split_dirs:
-        raise DataSourceError(f"data.source '{root}' has {sorted(split_dirs)} folders but no train/ folder")
+    split_dirs = _split_folders(root)
+    split_names = {folder.name for folder in split_dirs.values()}
     skipped: list[tuple[str, str]] = []
     candidates: list[Candidate] = []
     class_names: set[str] = set()
     if split_dirs:
         for p in sorted(root.iterdir()):
-            if p.name not in split_dirs:
+            if p.name not in split_names:
                 kind = "folder" if p.is_dir() else "file"
                 why = (f"{HIDDEN} {kind}" if p.name.startswith(".")
                        else f"{kind} beside the train/val/test folders; not scanned")
@@ -201,25 +240,25 @@ def _stratified(files: list[str], cfg: DataConfig) -> dict[str, str]:
     return {f: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, f in enumerate(order)}
 
 
-def check_image(path: Path, max_pixels: int) -> tuple[str | None, str | None]:
-    """Returns (sha256, None) for a usable image, or (None, reason) for a file that cannot be used.
+def check_image(path: Path, max_pixels: int) -> Checked:
+    """The sha256 and size (as loaded: EXIF rotation applied) of a usable image, or why a file cannot be used.
 
     Decodes every pixel with the loader extraction uses: a header check alone passes truncated files.
     """
     try:
         if path.stat().st_size == 0:
-            return None, "empty file (0 bytes)"
+            return Checked(reason="empty file (0 bytes)")
         digest = sha256_file(path)
     except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
+        return Checked(reason=f"cannot read: {exc.strerror or exc}")
     try:
-        load_rgb(path, max_pixels)
+        size = load_rgb(path, max_pixels).size
     except BadImageError as exc:
-        return None, exc.reason
-    return digest, None
+        return Checked(reason=exc.reason)
+    return Checked(sha256=digest, size=size)
 
 
-def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int) -> list[tuple[str | None, str | None]]:
+def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int) -> list[Checked]:
     """check_image over every candidate, in threads (PIL and hashlib release the GIL while they work)."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -242,6 +281,45 @@ def _duplicates(entries: list[Entry]) -> tuple[dict[str, list[Entry]], dict[str,
         within += len(g) - len({e.split for e in g})
         conflicts += len({e.cls for e in g}) > 1
     return groups, {"across_splits": across, "within_split": within, "label_conflicts": conflicts}
+
+
+def image_size_stats(sizes: list[tuple[int, int]], split: str = "train") -> dict:
+    """Short and long side (pixels: min, median, max) of a split's images, for `backbone.image_size: auto`.
+
+    The median, not the mean: a few huge or tiny files among ordinary photos should not move the crop size.
+    """
+    stats: dict = {"split": split, "images": len(sizes)}
+    for name, pick in (("short_side", min), ("long_side", max)):
+        sides = [pick(size) for size in sizes]
+        stats[name] = ({"min": min(sides), "median": float(statistics.median(sides)), "max": max(sides)}
+                       if sides else None)
+    return stats
+
+
+def read_image_sizes(index_dir: Path | str) -> dict | None:
+    """The train images' size statistics prepare recorded in classes.json, or None without them.
+
+    None when the folder has no classes.json, or one written before prepare recorded sizes.
+    """
+    path = Path(index_dir) / "classes.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get(IMAGE_SIZES_KEY)
+
+
+def _no_val_message(root: Path, split_dirs: dict[str, Path], cfg: DataConfig) -> str:
+    """Why there are no val images, with the fix that applies: split folders ignore data.val_fraction."""
+    accepted = ", ".join(f"{name}/" for name in VAL_FOLDERS)
+    if "val" in split_dirs:
+        return (f"no val images: the {split_dirs['val'].name}/ folder of data.source '{root}' holds no usable images "
+                "(see skipped.csv); put class folders of images in it")
+    if split_dirs:
+        found = ", ".join(f"{folder.name}/" for folder in split_dirs.values())
+        return (f"no val images: data.source '{root}' has split folders ({found}) but no val folder; add one named "
+                f"any of {accepted} (with split folders, data.val_fraction is not used)")
+    return (f"no val images: data.val_fraction = {cfg.val_fraction} (with data.test_fraction = {cfg.test_fraction}) "
+            f"leaves no class a val image; raise data.val_fraction, add images, or use split folders (train/ and "
+            f"one of {accepted})")
 
 
 def _check_classes(classes: list[str], class_names: list[str], entries: list[Entry], root: Path) -> list[str]:
@@ -277,11 +355,13 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
     """
     split_dirs, class_names, candidates, skipped = _find_candidates(root)
     entries = []
-    for c, (digest, reason) in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels)):
-        if reason:
-            skipped.append((c.path, reason))
+    sizes: dict[str, tuple[int, int]] = {}
+    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels)):
+        if checked.reason:
+            skipped.append((c.path, checked.reason))
         else:
-            entries.append(Entry(c.path, c.cls, c.split or "", digest))
+            entries.append(Entry(c.path, c.cls, c.split or "", checked.sha256))
+            sizes[c.path] = checked.size
     skipped = sorted((_printable(p), r) for p, r in skipped)
     bad = [(p, r) for p, r in skipped if not r.startswith(HIDDEN)]
     if bad and cfg.on_bad_file == "error":
@@ -309,8 +389,9 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
         warnings.append(f"{dup_counts['label_conflicts']} groups of byte-identical images carry different classes "
                         "(see duplicates.csv)")
     if not any(e.split == "val" for e in entries):
-        raise DataSourceError("no val images; add a val/ folder or raise data.val_fraction")
-    return ScanResult(classes, entries, skipped, warnings, dup_counts)
+        raise DataSourceError(_no_val_message(root, split_dirs, cfg))
+    train_sizes = image_size_stats([sizes[e.path] for e in entries if e.split == "train"])
+    return ScanResult(classes, entries, skipped, warnings, dup_counts, train_sizes)
 
 
 def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
@@ -331,7 +412,8 @@ def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DE
               for s in SPLITS if any(e.split == s for e in entries)}
     write_json(out / "classes.json", {"classes": classes, "source": source, "counts": counts,
                                       "skipped": len(result.skipped), "duplicates": result.duplicates,
-                                      "warnings": result.warnings, "max_image_pixels": max_pixels})
+                                      "warnings": result.warnings, "max_image_pixels": max_pixels,
+                                      IMAGE_SIZES_KEY: result.image_sizes})
 
 
 def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:

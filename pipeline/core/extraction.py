@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
+from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max, resolve_image_size
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
@@ -44,8 +44,8 @@ from pipeline.core.checkpoints import (
     partial_dir,
     prepare_partial,
 )
-from pipeline.core.dataset import read_index
-from pipeline.core.loader import DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.dataset import IMAGE_SIZES_KEY, read_index
+from pipeline.core.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
@@ -63,13 +63,19 @@ class ExtractError(PipelineError, ValueError):
     """The index or a partial extraction cannot be used as it is; the message says what to do."""
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(decode: str = "pil") -> dict[str, str]:
+    """The versions recorded in the file; TorchCodec's only when it decoded (the `pil` file's bytes stay as they were)."""
     import PIL
     import timm
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    if decode in JPEG_ROUTES:
+        import torchcodec
+
+        versions["torchcodec"] = torchcodec.__version__
+    return versions
 
 
 def share(items: Sequence, rank: int, world_size: int) -> list:
@@ -159,12 +165,16 @@ def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], to
 def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
     """Writes the features file for every row of the index (resuming a partial run); returns a summary.
 
-    Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`.
+    Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
+    auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used.
     """
     index_dir, out = Path(index_dir), Path(out)
     rows, meta = read_index(index_dir)
     _check_index(rows, index_dir)
     info = dist_info()
+    backbone, size_reason = resolve_image_size(backbone, meta.get(IMAGE_SIZES_KEY))
+    if info.is_main:
+        log.info("extract: image size %d px (%s)", backbone.image_size, size_reason)
     set_deterministic()
     device = resolve_device(cfg.device)
     with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
@@ -177,7 +187,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
             "preprocess": json.dumps(pre.to_dict(), sort_keys=True), "precision": cfg.precision,
             "dtype": cfg.dtype, "decode": cfg.decode, "index_sha256": sha256_file(index_dir / "index.csv"),
             "classes": json.dumps(meta["classes"]), "num_features": net.num_features,
-            "versions": json.dumps(library_versions(), sort_keys=True), "pooling_order": "avg,max",
+            "versions": json.dumps(library_versions(cfg.decode), sort_keys=True), "pooling_order": "avg,max",
         }
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}
@@ -209,4 +219,5 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
             "img_per_s": extracted / seconds if seconds > 0 else 0.0, "device": str(device),
             "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features,
             "preprocess": pre.to_dict(), "weights_sha256": weights_sha, "backbone_config": to_dict(backbone),
+            "image_size_reason": size_reason,
             "extract_config": to_dict(cfg)}

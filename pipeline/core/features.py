@@ -13,7 +13,9 @@ fine-tuned network use the same order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,14 @@ import numpy as np
 
 from pipeline.infra.errors import PipelineError
 
+log = logging.getLogger("pipeline.features")
+
 POOLINGS = ("avg", "catavgmax")
 # What each checked attribute follows in params.yaml, for messages that say what to look at.
 _SOURCE_OF = {"backbone": "backbone.name", "weights": "backbone.weights",
-              "preprocess": "backbone.name / backbone.image_size", "precision": "extract.precision",
-              "dtype": "extract.dtype", "decode": "extract.decode", "index_sha256": "the dataset index (index.csv)"}
+              "preprocess": "backbone.name / backbone.image_size (auto: the train images' sizes)",
+              "precision": "extract.precision", "dtype": "extract.dtype", "decode": "extract.decode",
+              "index_sha256": "the dataset index (index.csv)"}
 RERUN = "run `dvc repro` (or `python -m pipeline.extract`) to extract them again"
 
 
@@ -126,7 +131,8 @@ def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None)
     """The fingerprint attributes that extraction with these params would write (weights hash aside).
 
     Cheap: no weights are loaded (the preprocessing is resolved from the architecture's config). The index hash is
-    included only when `index_dir` holds an index.csv.
+    included only when `index_dir` holds an index.csv. `backbone.image_size` must be resolved (not `auto`): see
+    :func:`resolve_for_check`.
     """
     from pipeline.core.backbone import resolve_preprocess
     from pipeline.infra.artifacts import sha256_file
@@ -156,11 +162,40 @@ def check_fingerprint(path: Path | str, attrs: dict, expected: dict) -> None:
                 f"{want!r}{detail}. The features were extracted with other settings; {RERUN}")
 
 
+def resolve_for_check(backbone, index_dir: Path | str | None, attrs: dict) -> tuple[Any, str]:
+    """`backbone` with `image_size` resolved as extraction resolved it, and why, for checking a features file.
+
+    With the index's image sizes (classes.json), `auto` is resolved exactly as extraction does. Without them (a heads
+    run given no index) the images are unknown: the features' own size is accepted when it is one `auto` can give
+    (the weights' own, or a multiple of 32 from 96 below it), and the rest of the preprocessing (resize, mean, std,
+    interpolation) is still compared; any other size is compared with the weights' own, and so reported stale.
+    """
+    from pipeline.core.backbone import auto_sizes, native_size, resolve_image_size
+    from pipeline.core.dataset import read_image_sizes
+
+    sizes = read_image_sizes(index_dir) if index_dir is not None else None
+    if backbone.image_size != "auto" or sizes is not None:
+        return resolve_image_size(backbone, sizes)
+    native = native_size(backbone.name)
+    pre = attrs.get("preprocess")
+    recorded = pre.get("size") if isinstance(pre, dict) else None
+    if recorded in auto_sizes(native):
+        return (dataclasses.replace(backbone, image_size=recorded),
+                f"backbone.image_size: auto, no index to read the train images' sizes from; the features' "
+                f"{recorded} px is a size auto gives for these weights")
+    return (dataclasses.replace(backbone, image_size=native),
+            "backbone.image_size: auto, no index to read the train images' sizes from; compared with the weights' own")
+
+
 def verify_features(path: Path | str, backbone, extract, index_dir: Path | str | None = None) -> dict:
     """Checks the features file against the current params (and index); returns its attributes.
 
-    `backbone` and `extract` are the params' BackboneConfig and ExtractConfig.
+    `backbone` and `extract` are the params' BackboneConfig and ExtractConfig; `backbone.image_size: auto` is
+    resolved from the index's image sizes (:func:`resolve_for_check`), and the size used is logged.
     """
     attrs = read_attrs(path)
-    check_fingerprint(path, attrs, expected_fingerprint(backbone, extract, index_dir))
+    resolved, why = resolve_for_check(backbone, index_dir, attrs)
+    if backbone.image_size != resolved.image_size:  # a rule (auto, null) was resolved: say to what
+        log.info("stale-features check: image size %d px (%s)", resolved.image_size, why)
+    check_fingerprint(path, attrs, expected_fingerprint(resolved, extract, index_dir))
     return attrs

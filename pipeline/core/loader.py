@@ -4,9 +4,17 @@ Two decoders, chosen by `extract.decode` (it changes the pixels, so it is an out
 
 - `pil` (default): `load_rgb` + PIL resize and centre crop in the DataLoader workers, exactly the pixels of
   :func:`pipeline.data.eval_transform`. Any format PIL reads.
-- `torchvision`: JPEGs are decoded by `torchvision.io.decode_jpeg` (libjpeg-turbo in the workers on CPU, nvjpeg
+- `torchcodec`: JPEGs are decoded by `torchcodec.decoders.decode_jpeg` (libjpeg-turbo in the workers on CPU, nvjpeg
   on the GPU in batched calls) and resized on the device; other formats, and JPEGs neither decoder takes
   (CMYK), fall back to the `pil` path. On a GPU the workers only read bytes, so the CPU is no longer the bottleneck.
+  `torchvision` is a deprecated alias of `torchcodec` (logged once): the route used `torchvision.io.decode_jpeg`,
+  which torchvision 0.29 deprecated in favour of TorchCodec. The decoded pixels are the same bytes (all 397
+  hymenoptera JPEGs, full size, CPU), so features cached under the old name stay valid.
+
+TorchCodec always applies a JPEG's EXIF orientation itself (there is no switch; its CPU decoder reads the first APP1
+segment, its CUDA decoder the first Exif one). The workers therefore remove the APP1 segments before the bytes reach
+it (:func:`strip_app1`) and the orientation that PIL reads, the one the `pil` path applies, is applied by hand:
+one parser decides, the same on CPU and GPU.
 
 Either way the workers hand over uint8 pixels (or compressed bytes), never float tensors: a quarter of the bytes
 through shared memory and over PCIe. Conversion to float and normalisation happen on the device with the same
@@ -14,6 +22,7 @@ operations, in the same order, as `ToTensor` + `Normalize`, so the `pil` path is
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -24,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchcodec.decoders import decode_jpeg
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
@@ -34,7 +43,9 @@ from pipeline.core.images import load_rgb, max_image_pixels
 
 log = logging.getLogger("pipeline.loader")
 
-Decode = Literal["pil", "torchvision"]
+Decode = Literal["pil", "torchcodec", "torchvision"]
+# Values of `extract.decode` that take the JPEG route; `torchvision` is the deprecated name of `torchcodec`.
+JPEG_ROUTES = ("torchcodec", "torchvision")
 
 # oneDNN picks another GEMM blocking for the 1x1 convolutions when a forward call has very few rows (below 16 on
 # one thread, below 8 on two: measured for Lite0 on this machine), which changes the last bits of the features.
@@ -45,6 +56,7 @@ MIN_FORWARD_ROWS = 16
 DECODE_GROUP = 64
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_APP1, _SOS = 0xE1, 0xDA
 _EXIF_ORIENTATION = 0x0112
 _PIXELS, _JPEG = 0, 1
 
@@ -89,7 +101,7 @@ def pil_pixels(path: Path | str, pre: Preprocess, max_pixels: int | None = None)
 
 
 def jpeg_orientation(data: bytes, max_pixels: int | None = None) -> int | None:
-    """EXIF orientation (1-8) of a JPEG that decode_jpeg can turn into RGB, or None for anything else.
+    """EXIF orientation (1-8), as PIL reads it, of a JPEG that decode_jpeg can turn into RGB, or None for anything else.
 
     Only the header is parsed (PIL opens lazily). CMYK/YCCK JPEGs, other formats and images over `max_pixels` return
     None: they take the PIL path, which handles (or refuses) them exactly as `load_rgb` does.
@@ -106,6 +118,40 @@ def jpeg_orientation(data: bytes, max_pixels: int | None = None) -> int | None:
     except Exception:  # a header PIL cannot parse: let the PIL path report or handle it
         return None
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+def strip_app1(data: bytes | bytearray) -> bytearray | None:
+    """The JPEG with its APP1 segments (EXIF, XMP) removed, so that TorchCodec applies no orientation of its own.
+
+    Only the marker segments before the first scan are walked and copied; the compressed data after it is kept as
+    is, so the decoded pixels are unchanged. None when the header is not a plain marker sequence: such a file takes
+    the PIL path rather than risk a second turn.
+    """
+    n, pos = len(data), 2
+    out = bytearray(data[:2])
+    while True:
+        if pos >= n or data[pos] != 0xFF:
+            return None
+        while pos < n and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= n:
+            return None
+        marker = data[pos]
+        if marker == _SOS:
+            out += data[pos - 1:]
+            return out
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length field
+            out += data[pos - 1:pos + 1]
+            pos += 1
+            continue
+        if marker in (0x00, 0xD8, 0xD9) or pos + 2 >= n:
+            return None
+        end = pos + 1 + ((data[pos + 1] << 8) | data[pos + 2])  # the length counts its own two bytes
+        if end <= pos + 2 or end > n:
+            return None
+        if marker != _APP1:
+            out += data[pos - 1:end]
+        pos = end
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -134,20 +180,31 @@ def _tensor_resize_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return F2.center_crop(images, [pre.size, pre.size])
 
 
+def _torchcodec_jpeg(raw: torch.Tensor | list[torch.Tensor], device: torch.device):
+    return decode_jpeg(raw, mode="RGB", device=device)
+
+
+# The JPEG decoder of the `torchcodec` route: one tensor of bytes -> one (3, H, W) uint8 tensor on `device`, a list
+# -> a list, RuntimeError when it refuses. A module attribute so that bench/extract.py can time another decoder
+# through the very same route.
+jpeg_decoder = _torchcodec_jpeg
+
+
 def decode_jpegs(raw: Sequence[torch.Tensor], orientation: Sequence[int], paths: Sequence[str], pre: Preprocess,
                  device: torch.device) -> list[torch.Tensor]:
     """Decodes JPEG bytes on `device` (nvjpeg on CUDA) into uint8 (3, S, S) pixels, upright, resized and cropped.
 
-    Images of the same size and orientation (most of a camera's photos, all of a resized data set) are resized in
-    one call: per-image calls would cost more in Python and kernel launches than the GPU spends resizing. A list
-    nvjpeg refuses is retried image by image; an image no decode_jpeg call takes goes through PIL, with a warning
-    naming it, so one odd file never stops an extraction.
+    `raw` must come without APP1 segments (:func:`strip_app1`), `orientation` is the EXIF orientation PIL read from
+    the file (:func:`jpeg_orientation`), applied here. Images of the same size and orientation (most of a camera's
+    photos, all of a resized data set) are resized in one call: per-image calls would cost more in Python and kernel
+    launches than the GPU spends resizing. A list nvjpeg refuses is retried image by image; an image no decode_jpeg
+    call takes goes through PIL, with a warning naming it, so one odd file never stops an extraction.
     """
     out: list[torch.Tensor | None] = [None] * len(raw)
     for g in range(0, len(raw), DECODE_GROUP):
         group = list(raw[g:g + DECODE_GROUP])
         try:
-            images = decode_jpeg(group, mode=ImageReadMode.RGB, device=device)
+            images = jpeg_decoder(group, device)
         except RuntimeError:
             images = [_decode_one(r, p, device) for r, p in zip(group, paths[g:g + DECODE_GROUP])]
         buckets: dict[tuple[int, int, int], list[int]] = {}
@@ -165,7 +222,7 @@ def decode_jpegs(raw: Sequence[torch.Tensor], orientation: Sequence[int], paths:
 
 def _decode_one(raw: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
     try:
-        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        return jpeg_decoder(raw, device)
     except RuntimeError as exc:
         log.warning("decode_jpeg on %s refused %s (%s); decoding it with PIL instead", device, path, exc)
         return None
@@ -185,6 +242,9 @@ class ExtractDataset(Dataset):
         self.ids = np.asarray(ids, dtype=np.int64)
         self.pre = pre
         self.decode = decode
+        self.jpeg_route = decode in JPEG_ROUTES
+        if decode == "torchvision":
+            _log_deprecated_alias()
         self.defer_jpeg = defer_jpeg
         # Captured here: spawned workers do not inherit the process-wide limit that read_index set.
         self.max_pixels = max_image_pixels()
@@ -196,16 +256,24 @@ class ExtractDataset(Dataset):
         """(row id, kind, tensor, orientation, path): kind _PIXELS with (3, S, S) uint8, or _JPEG with bytes."""
         path = str(self.root / str(self.paths[i]))
         row_id = int(self.ids[i])
-        if self.decode == "torchvision":
+        if self.jpeg_route:
             data = Path(path).read_bytes()
             orientation = jpeg_orientation(data, self.max_pixels)
-            if orientation is not None:
-                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            stripped = strip_app1(data) if orientation is not None else None
+            if stripped is not None:
+                raw = torch.frombuffer(stripped, dtype=torch.uint8)
                 if self.defer_jpeg:
                     return row_id, _JPEG, raw, orientation, path
                 pixels = decode_jpegs([raw], [orientation], [path], self.pre, torch.device("cpu"))[0]
                 return row_id, _PIXELS, pixels, 1, path
         return row_id, _PIXELS, pil_pixels(path, self.pre, self.max_pixels), 1, path
+
+
+@functools.cache
+def _log_deprecated_alias() -> None:
+    log.warning("extract.decode: 'torchvision' is a deprecated alias of 'torchcodec' (torchvision 0.29 deprecated its "
+                "image decoding; this route now decodes with TorchCodec, to the same pixels). Set "
+                "`extract.decode: torchcodec`; the features file records the value as written.")
 
 
 def collate(items: list[tuple[int, int, torch.Tensor, int, str]]) -> Batch:

