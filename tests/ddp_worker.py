@@ -2,6 +2,7 @@
 `pipeline.finetune.finetune` with DDP and a DistributedSampler, then each rank saves its parameters."""
 from __future__ import annotations
 
+import pipeline  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
 import sys
 from pathlib import Path
 
