@@ -26,7 +26,7 @@ from pipeline.heads import head_logits, load_head, split_metrics
 from pipeline.network import load_checkpoint
 from pipeline.prepare import read_index
 from pipeline.runtime import resolve_device, setup_logging
-from pipeline import report
+from pipeline import report, runlog
 from pipeline.data import load_rgb
 from pipeline.features import read_attrs
 from PIL import ImageOps
@@ -63,6 +63,7 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
     if finetuned is not None:
         net, pre, _ = load_checkpoint(finetuned)
         device = resolve_device("auto")
+        runlog.note(device=str(device), precision="fp32")  # for verify's provenance (pipeline/provenance.py)
         net = net.to(device, memory_format=torch.channels_last)
         result["finetune"] = {}
         for split in splits:

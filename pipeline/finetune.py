@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from pipeline import runlog
 from pipeline.artifacts import read_json, write_json
 from pipeline.config import BackboneConfig, FinetuneConfig, load_section, to_dict
 from pipeline.data import ImageDataset, eval_transform, train_transform
@@ -154,6 +155,7 @@ def run(params: Path, index_dir: Path, features: Path, heads_dir: Path, selected
     set_deterministic()
     device = resolve_device(cfg.device)
     with process_group(device) as (rank, barrier):
+        runlog.note(device=str(device), world_size=rank.world_size, precision=cfg.precision)  # verify's provenance
         gen = seed_everything(cfg.seed)
         choice = read_json(selected)
         head, spec = load_head(heads_dir / choice["head"])

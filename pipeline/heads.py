@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pipeline import runlog
 from pipeline.errors import PipelineError, run_main
 from pipeline.artifacts import atomic_path, read_json, write_json
 from pipeline.config import load_section, to_dict
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     # Refuse stale features (another backbone, preprocessing, precision, dtype or index) before fitting anything.
     verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)
+    runlog.note(head=args.head, device="cpu", precision="fp32")  # heads always fit on the CPU in fp32
     module, spec, metrics = fit_head(args.head, args.features, cfg)
     save_head(args.out or Path("models/heads") / args.head, module, spec)
     write_json(args.metrics or Path("metrics/heads") / f"{args.head}.json", metrics)

@@ -8,10 +8,14 @@ Run after `dvc repro`. For each artefact it prints a verdict:
 What is compared: the outputs' hashes in `dvc.lock` against the committed `dvc.lock` (git HEAD), every metrics file
 declared in `dvc.yaml` against its committed version, and the features file against `reference/features.json` +
 `reference/features.npz` (a fixed sample of rows), which `--record` writes and you commit.
+Before the verdicts it prints where each side's numbers came from (pipeline/provenance.py): CPU model, instruction
+sets in use, pinned numerics or not, threads, GPU, TF32 and precision, per stage, from this checkout's run log
+(`runs/<stage>.json`) and from the committed `reference/provenance.json` (written by `--record` with the rest).
 
     python -m pipeline.verify                       # verdicts; exit 1 if anything is `different`
     python -m pipeline.verify --strict              # exit 1 unless everything is `same`
-    python -m pipeline.verify --record              # after a reference run: write reference/ (then commit it)
+    python -m pipeline.verify --record              # after a reference run: write reference/ (then commit it):
+                                                    # the feature sample and provenance.json
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
+from pipeline import provenance
 from pipeline.artifacts import atomic_path, sha256_file, write_json
 from pipeline.errors import PipelineError, run_main
 from pipeline.features import read_attrs, read_split, splits_in
@@ -123,7 +128,8 @@ def compare_features(path: Path, reference: Path, rtol: float, atol: float) -> t
     return (CLOSE if ok else DIFFERENT), detail
 
 
-def record(features: Path, reference: Path) -> None:
+def record(features: Path, reference: Path, run_dir: Path | None = None) -> None:
+    """Writes the reference: a sample of the features' rows, their hash and attributes, and the run's provenance."""
     reference.mkdir(parents=True, exist_ok=True)
     sample = feature_sample(features)
     with atomic_path(reference / "features.npz") as tmp:
@@ -133,6 +139,13 @@ def record(features: Path, reference: Path) -> None:
     write_json(reference / "features.json", {"sha256": sha256_file(features), "rows_per_split": SAMPLE_ROWS,
                                              "attrs": {k: v for k, v in attrs.items() if k != "versions"},
                                              "versions": attrs.get("versions")})
+    write_json(reference / "provenance.json", provenance.current(run_dir))
+
+
+def committed_provenance(reference: Path, rev: str = "HEAD") -> dict | None:
+    """reference/provenance.json as committed at `rev`; None where there is none."""
+    text = _git_show((reference / "provenance.json").as_posix(), rev)
+    return json.loads(text) if text else None
 
 
 def _metrics_files(dvc_yaml: Path) -> list[str]:
@@ -183,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if args.record:
         record(args.features, args.reference)
-        log.info("verify: wrote %s/features.json and features.npz; commit them", args.reference)
+        log.info("verify: wrote %s/features.json, features.npz and provenance.json; commit them", args.reference)
         return
     results = verify(args.features, args.reference, args.rtol, args.atol, args.margin)
+    for line in provenance.report_lines(committed_provenance(args.reference), provenance.current()):
+        print(line)
     width = max(len(r[0]) for r in results)
     for name, verdict, detail in results:
         print(f"{name:<{width}}  {verdict:<16}  {detail}")

@@ -31,7 +31,8 @@ ANOTHER_CPU = {
 }
 KNOBS = (*ANOTHER_CPU, numerics.MODE_VAR, "DNNL_MAX_CPU_ISA", "MKL_DYNAMIC", "OMP_DYNAMIC")
 V3_CPU = {"avx", "avx2", "fma", "sse4_2"}
-HERE_IS_V3 = (platform.machine().lower() in numerics.X86_64 and set(numerics.REQUIRED_FLAGS) <= (numerics.cpu_flags() or set()))
+HERE_IS_V3 = (platform.machine().lower() in numerics.X86_64
+              and set(numerics.REQUIRED_FLAGS) <= (numerics.cpu_flags() or set()))
 needs_v3 = pytest.mark.skipif(not HERE_IS_V3, reason="needs an x86-64 CPU with AVX2 and FMA")
 
 
