@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.core.features import verify_features
 from pipeline.core.heads import HEADS, fit_head, save_head
+from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     # Refuse stale features (another backbone, preprocessing, precision, dtype or index) before fitting anything.
     verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)
+    runlog.note(head=args.head, device="cpu", precision="fp32")  # heads always fit on the CPU in fp32
     module, spec, metrics = fit_head(args.head, args.features, cfg)
     save_head(args.out or Path("models/heads") / args.head, module, spec)
     write_json(args.metrics or Path("metrics/heads") / f"{args.head}.json", metrics)

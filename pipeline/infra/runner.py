@@ -40,14 +40,19 @@ def stage_parser(prog: str, doc: str | None, sections: tuple[str, ...] = (), par
 
 
 def run_main(main: Callable[[], None], stage: str) -> None:
-    """Runs a stage's `main`: one log line at start and end, a run-log record, PipelineError as one line + exit 2."""
-    from pipeline.infra import runlog
-    from pipeline.infra.runtime import setup_logging
+    """Runs a stage's `main`: one log line at start and end, a run-log record, PipelineError as one line + exit 2.
+
+    Also applies the pinned torch thread count, and says at start when the CPU numerics are not pinned.
+    """
+    from pipeline.infra import numerics, runlog
+    from pipeline.infra.runtime import pin_torch_threads, setup_logging
 
     setup_logging()
+    pin_torch_threads()
     log = logging.getLogger(f"pipeline.{stage}")
     if not {"-h", "--help"} & set(sys.argv[1:]):
         log.info("%s: start", stage)
+        numerics.log_status(log)  # one line, only when the CPU numerics are native or not fully pinned
     started, t0 = time.time(), time.perf_counter()
     status = "error"
     try:

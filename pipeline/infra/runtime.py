@@ -14,6 +14,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.infra import numerics
+
 log = logging.getLogger("pipeline")
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
@@ -48,8 +50,21 @@ def setup_logging(level: int = logging.INFO) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def pin_torch_threads() -> None:
+    """In portable numerics, gives torch's intra-op pool the pinned thread count (pipeline/infra/numerics.py).
+
+    OMP_NUM_THREADS set by the pin already does so when torch loads after it; this also covers a torch imported
+    before `pipeline`, or a caller that changed the count since: the split of a reduction between threads changes
+    its rounding, so the count is part of the result. Native mode leaves torch's own choice.
+    """
+    threads = numerics.STATUS.get("threads")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds Python, numpy and torch; returns a torch Generator for DataLoader shuffling and worker seeds."""
+    pin_torch_threads()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -59,7 +74,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def set_deterministic() -> None:
-    """Deterministic kernels, TF32 off and no cuDNN autotuning, so reruns give the same bytes on the same machine."""
+    """Deterministic kernels, TF32 off, no cuDNN autotuning and the pinned CPU thread count, so reruns give the
+    same bytes on the same machine (and, with portable numerics, on other x86-64 CPUs)."""
+    pin_torch_threads()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
