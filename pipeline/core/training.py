@@ -161,7 +161,8 @@ def make_loaders(index_dir: Path, pre: Preprocess, cfg: FinetuneConfig, rank: Di
     val_rows = [r for r in rows if r["split"] == "val"]
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     val_loader = DataLoader(ImageDataset(root, val_rows, eval_transform(pre)), shuffle=False, **loader_args)
-    train_set = ImageDataset(root, train_rows, train_transform(pre, cfg.crop_scale, cfg.hflip), seed=cfg.seed)
+    augmented = train_transform(pre, cfg.augment, cfg.crop_scale, cfg.hflip)
+    train_set = ImageDataset(root, train_rows, augmented, seed=cfg.seed)
     drop_last = len(train_rows) > cfg.batch_size * rank.world_size
     sampler = (DistributedSampler(train_set, rank.world_size, rank.rank, shuffle=True, seed=cfg.seed,
                                   drop_last=drop_last) if rank.world_size > 1 else None)

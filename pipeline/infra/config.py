@@ -188,6 +188,7 @@ class FinetuneConfig:
     patience: int = 0
     batch_size: int = 32
     bn: Literal["frozen", "eval", "train"] = "eval"
+    augment: Literal["shift", "resized_crop"] = "shift"
     hflip: bool = False
     crop_scale: float = 0.7
     clip_grad_norm: float = 1.0
