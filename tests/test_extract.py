@@ -189,6 +189,36 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
     assert sha256(out) == sha256(digits60["ref"])
 
 
+def test_damaged_checkpoint_is_recomputed_never_merged(digits60, tmp_path: Path, monkeypatch, caplog):
+    """16 damaged bytes in a checkpoint's data (used to end as a 1.9e37 value in features.h5, exit 0): the resume
+    sees the checksum mismatch, recomputes that checkpoint alone, and the file equals an uninterrupted run's."""
+    cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
+    out = tmp_path / "f.h5"
+    partial = ex.partial_dir(out)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ex, "assemble", die)
+        with pytest.raises(KeyboardInterrupt):
+            ex.extract_features(digits60["index"], out, BB32, cfg)
+    victim = partial / "rows-0000000016-0000000024.h5"
+    with h5py.File(victim, "r") as f:
+        offset = f["max"].id.get_offset()  # contiguous data: the raw bytes of the array in the file
+    with open(victim, "r+b") as fh:
+        fh.seek(offset + 64)
+        fh.write(bytes(range(200, 216)))
+    calls = []
+    real = ex._run_rows
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        ex.extract_features(digits60["index"], out, BB32, cfg)
+    assert calls == [[(16, 24)]]
+    assert "does not match its checksum (damaged on disk); recomputing its rows 16-24" in caplog.text
+    assert sha256(out) == sha256(digits60["ref"]) and not partial.exists()
+
+
 def _extract_cmd(params: Path, index: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.extract", "--params", str(params), "--index", str(index), "--out", str(out)]
 

@@ -113,3 +113,26 @@ def test_mlp_on_nan_features_never_saves_initial_weights(tmp_path):
     x[35, 1] = np.inf  # only val damaged: the untrained head's val loss is already not finite
     with pytest.raises(TrainingDivergedError, match=r"val loss of the untrained head is nan"):
         fit_mlp(x[:30], y[:30], x[30:], y[30:], MlpConfig(hidden=[4], epochs=3), 2)
+
+
+def test_features_with_nan_are_refused_naming_split_dataset_and_rows(tiny_cache, tmp_path):
+    """64 damaged bytes in train/max used to give 'best epoch -1', the initial weights and exit 0."""
+    import shutil
+
+    import h5py
+
+    features = tmp_path / "features.h5"
+    shutil.copy(tiny_cache["features"], features)
+    with h5py.File(features, "r+") as f:
+        damaged = f["train/max"][...]
+        damaged[[1, 4, 5], 0] = np.nan
+        damaged[7, 3] = np.inf
+        f["train/max"][...] = damaged
+    with pytest.raises(Exception, match=r"split 'train', dataset 'max' has 4 of \d+ rows with NaN or inf values "
+                                        r"\(first at row 1\)"):
+        read_split(features, "train")
+    proc = _stage(["pipeline.heads", "mlp", "--params", str(tiny_cache["params"]), "--features", str(features),
+                   "--index", str(tiny_cache["index"]), "--out", str(tmp_path / "mlp"),
+                   "--metrics", str(tmp_path / "m.json")], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "split 'train', dataset 'max' has 4 of" in proc.stderr and not (tmp_path / "mlp").exists()

@@ -5,9 +5,12 @@ torchrun ranks). Each finished checkpoint is its own small HDF5 file in `<out>.p
 name and renamed, so it is complete or absent; `fingerprint.json` there says which settings made them, and a partial
 extraction from other settings is discarded. The final file is always assembled fresh from the checkpoints, in the
 same order, so its bytes do not depend on how the checkpoints came about (interrupted, resumed, several ranks).
+Each checkpoint carries the SHA-256 of its arrays: a resume recomputes any checkpoint whose content no longer matches
+(damaged on disk) instead of merging it into the features file.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -24,6 +27,7 @@ from pipeline.infra.errors import PipelineError
 log = logging.getLogger("pipeline.extract")
 
 CHUNK_ROWS = 256  # HDF5 chunk rows of the final file (full width: one row read never touches two chunks)
+CHECKSUM_ATTR = "sha256"  # checkpoint attribute: SHA-256 of avg, max and ids bytes, in that order
 _CHECKPOINT_NAME = re.compile(r"rows-(\d{10})-(\d{10})\.h5")
 
 
@@ -44,6 +48,50 @@ def checkpoint_spans(n_rows: int, rows_per: int) -> list[tuple[int, int]]:
 
 def checkpoint_path(partial: Path, span: tuple[int, int]) -> Path:
     return partial / f"rows-{span[0]:010d}-{span[1]:010d}.h5"
+
+
+def checkpoint_checksum(avg: np.ndarray, mx: np.ndarray, ids: np.ndarray) -> str:
+    """SHA-256 of a checkpoint's arrays (C order bytes), so that damage on disk is seen before a merge."""
+    digest = hashlib.sha256()
+    for array in (avg, mx, ids):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(avg, max) of a checkpoint whose rows and checksum are what they should be.
+
+    Raises:
+        CheckpointError: unreadable, other rows than its name says, or content that does not match its checksum.
+    """
+    try:
+        with h5py.File(path, "r") as c:
+            avg, mx, ids = c["avg"][...], c["max"][...], c["ids"][...]
+            recorded = c.attrs.get(CHECKSUM_ATTR)
+    except (OSError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc})") from None
+    if not np.array_equal(ids, np.arange(*span)):
+        raise CheckpointError(f"checkpoint {path} holds other rows than its name says")
+    if recorded is None or str(recorded) != checkpoint_checksum(avg, mx, ids):
+        raise CheckpointError(f"checkpoint {path} does not match its checksum (damaged on disk)")
+    return avg, mx
+
+
+def discard_damaged(partial: Path, spans: Sequence[tuple[int, int]]) -> list[Path]:
+    """Deletes the checkpoints that fail :func:`read_checkpoint`, so a resume recomputes them; returns them.
+
+    Run by one process (rank 0) before any rank lists the checkpoints: never two processes deleting.
+    """
+    removed = []
+    for span in sorted(completed_spans(partial, spans)):
+        path = checkpoint_path(partial, span)
+        try:
+            read_checkpoint(path, span)
+        except CheckpointError as exc:
+            log.warning("extract: %s; recomputing its rows %d-%d", exc, *span)
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _split_ranges(rows: list[dict]) -> dict[str, tuple[int, int]]:
@@ -116,9 +164,11 @@ class CheckpointWriter:
 
     def _write(self, span: tuple[int, int], buf: _Buffer) -> None:
         with atomic_path(checkpoint_path(self.partial, span)) as tmp, h5py.File(tmp, "w") as f:
+            ids = np.arange(*span, dtype=np.int64)
             f.create_dataset("avg", data=buf.avg)
             f.create_dataset("max", data=buf.max)
-            f.create_dataset("ids", data=np.arange(*span, dtype=np.int64))
+            f.create_dataset("ids", data=ids)
+            f.attrs[CHECKSUM_ATTR] = checkpoint_checksum(buf.avg, buf.max, ids)
         self.written += 1
         log.debug("checkpoint rows %d-%d written", *span)
 
@@ -174,8 +224,9 @@ def assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: l
                 if not path.is_file():
                     raise CheckpointError(f"checkpoint {path} is missing. Under multi-node torchrun, --out must be on "
                                        "a file system all nodes share; otherwise delete the folder and rerun")
-                with h5py.File(path, "r") as c:
-                    if not np.array_equal(c["ids"][...], np.arange(*span)):
-                        raise CheckpointError(f"checkpoint {path} holds other rows than its name says; delete "
-                                           f"{partial} and rerun")
-                    write_rows(f, ranges, span[0], c["avg"][...], c["max"][...])
+                try:
+                    avg, mx = read_checkpoint(path, span)
+                except CheckpointError as exc:  # damaged after the resume check: the next run recomputes it
+                    path.unlink(missing_ok=True)
+                    raise CheckpointError(f"{exc}; it was deleted: rerun to recompute it") from None
+                write_rows(f, ranges, span[0], avg, mx)

@@ -41,6 +41,7 @@ from pipeline.core.checkpoints import (
     assemble,
     checkpoint_spans,
     completed_spans,
+    discard_damaged,
     partial_dir,
     prepare_partial,
 )
@@ -196,6 +197,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
         t0 = time.perf_counter()
         if info.is_main:
             prepare_partial(partial, fingerprint)
+            discard_damaged(partial, spans)  # a damaged checkpoint is recomputed, never merged
             for stale in out.parent.glob(f".{out.name}.*.tmp"):  # from a run killed while writing the file
                 stale.unlink(missing_ok=True)
         barrier()
