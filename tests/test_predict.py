@@ -67,3 +67,32 @@ def test_predict_folder_with_a_bad_file(tiny_cache, models, tmp_path, model):
         predicted = [g["predicted"] for g in good]
         assert predicted == [meta["classes"][i] for i in cached]
     assert np.mean([g["predicted"] == r["class"] for g, r in zip(good, val)]) >= 0.5
+
+
+def _run_predict(models: Path, target: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.predict", target, "--models-dir", str(models), "--out",
+                           str(out), *extra], env=dvc_env(), capture_output=True, text=True, cwd=out.parent)
+
+
+@pytest.mark.parametrize("model,file", [("head", "head.json"), ("finetune", "model.json")])
+def test_predict_refuses_edited_classes(tiny_cache, models, tmp_path, model, file):
+    """Classes swapped in head.json used to invert every label with exit 0; now the checksum refuses the file."""
+    edited = tmp_path / "models"
+    shutil.copytree(models, edited)
+    name = json.loads((edited / "selected.json").read_text())["head"]
+    path = edited / "heads" / name / file if model == "head" else edited / "finetune" / file
+    spec = json.loads(path.read_text())
+    classes = spec["classes"]
+    swapped = [classes[1], classes[0], *classes[2:]]
+    if model == "head":
+        spec["classes"] = swapped
+    else:  # both copies edited consistently: only the checksum can tell
+        spec["classes"] = spec["head"]["classes"] = swapped
+    path.write_text(json.dumps(spec))
+    image = tmp_path / "one.png"
+    rows, meta = read_index(tiny_cache["index"])
+    shutil.copy(Path(meta["source"]) / rows[0]["path"], image)
+    proc = _run_predict(edited, str(image), tmp_path / "pred.csv", "--model", model)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{file}': its classes {swapped!r} or its features fingerprint do not match the checksum" in proc.stderr
+    assert not (tmp_path / "pred.csv").exists()
