@@ -228,6 +228,51 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
             **extra}
 
 
+def test_second_run_on_the_same_out_names_the_holder_and_ctrl_c_is_one_line(digits60, tmp_path: Path):
+    """Two real extract runs on one --out: the second says who writes it (it used to report a checkpoint missing
+    "under multi-node torchrun"); Ctrl-C in the first prints one line and exits 130 (a 70-line traceback before)."""
+    import shutil
+
+    rows, meta = read_index(digits60["index"])
+    source = tmp_path / "source"
+    shutil.copytree(meta["source"], source)
+    index = tmp_path / "prepared"
+    shutil.copytree(digits60["index"], index)
+    classes = json.loads((index / "classes.json").read_text())
+    (index / "classes.json").write_text(json.dumps({**classes, "source": str(source)}))
+    blocker = source / rows[40]["path"]
+    blocker.unlink()
+    os.mkfifo(blocker)  # the first run blocks here (rows 0-31 written), holding the output, until interrupted
+    out = tmp_path / "features.h5"
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 8, "workers": 0, "checkpoint_rows": 8})
+    first = subprocess.Popen(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _second_run_and_interrupt(first, params, index, out, tmp_path)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def _second_run_and_interrupt(first: subprocess.Popen, params: Path, index: Path, out: Path, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while len(list(ex.partial_dir(out).glob("rows-*.h5"))) < 4:
+        assert first.poll() is None, f"extract ended early:\n{first.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    second = subprocess.run(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"extract: error: '{out}' is being written by another process (pid {first.pid} on " in second.stderr
+    assert len(list(ex.partial_dir(out).glob("rows-*.h5"))) >= 2  # the second run touched nothing
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert "extract: interrupted (Ctrl-C)" in err and not out.exists()
+
+
 @pytest.mark.slow
 def test_killed_extraction_leaves_no_output_and_resumes_to_identical_bytes(tmp_path: Path):
     """SIGKILL a real `python -m pipeline.extract` part way; the rerun resumes and matches an uninterrupted run.

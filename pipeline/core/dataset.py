@@ -9,7 +9,6 @@ the train images' sizes are recorded in classes.json (`image_sizes`), for `backb
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.core.images import BadImageError, load_rgb, set_max_image_pixels
-from pipeline.infra.artifacts import sha256_file, write_csv, write_json
+from pipeline.infra.artifacts import read_csv_rows, sha256_file, write_csv, write_json
 from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import progress_disabled
@@ -426,8 +425,7 @@ def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:
     if not (index_dir / "classes.json").is_file() or not (index_dir / "index.csv").is_file():
         raise DataSourceError(f"no dataset index in '{index_dir}' (index.csv and classes.json); run "
                               "`dvc repro prepare` (or `python -m pipeline.prepare`) first")
-    with open(index_dir / "index.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(index_dir / "index.csv")  # undoes the formula escaping of class names and paths
     meta = json.loads((index_dir / "classes.json").read_text(encoding="utf-8"))
     set_max_image_pixels(meta.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     return rows, meta

@@ -21,6 +21,7 @@ timestamps, fixed row order and attribute order).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -51,6 +52,7 @@ from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
 from pipeline.infra.errors import PipelineError
+from pipeline.infra.locks import exclusive_output
 from pipeline.infra.runtime import dist_info, progress_disabled, resolve_device, retained_heap, set_deterministic
 
 log = logging.getLogger("pipeline.extract")
@@ -168,8 +170,18 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
 
     Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
     auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used.
+
+    Raises:
+        OutputLockedError: another run is writing `out` (rank 0 holds the output's lock for the whole run, so a
+            second run stops before touching the checkpoints the first one is writing and assembling).
     """
-    index_dir, out = Path(index_dir), Path(out)
+    lock = exclusive_output(out) if dist_info().is_main else contextlib.nullcontext()
+    with lock:
+        return _extract(Path(index_dir), Path(out), backbone, cfg)
+
+
+def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
+    """:func:`extract_features` under the output's lock."""
     rows, meta = read_index(index_dir)
     _check_index(rows, index_dir)
     info = dist_info()

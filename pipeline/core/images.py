@@ -91,6 +91,8 @@ def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Im
     """
     name = str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "<stream>"))
     limit = _max_pixels if max_pixels is None else int(max_pixels)
+    if isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
+        raise BadImageError(name, "empty file (0 bytes)")  # PIL would say "not in any image format"
     # PIL's own guard (warning above MAX_IMAGE_PIXELS, error above twice that) would fire before ours with a message
     # that does not name the param; keep it in step and let the explicit check below decide.
     Image.MAX_IMAGE_PIXELS = limit

@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -115,9 +116,43 @@ def sha256_tensors(named: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+# Cells a spreadsheet would run as a formula (OWASP "CSV injection"): text starting with = + - @, tab or CR. A class
+# or file named "=HYPERLINK(...)" is data the user does not control (downloaded data sets), so it is escaped.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Plain numbers stay as they are (a negative number is not a formula), so the CSVs remain machine-readable.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def escape_cell(value: Any) -> Any:
+    """A CSV cell made inert for spreadsheets: a leading apostrophe before a formula-like text.
+
+    Reversible (:func:`unescape_cell`): a text that already starts with an apostrophe gets one more, so reading the
+    file back through :func:`read_csv_rows` returns exactly what was written.
+    """
+    if not isinstance(value, str) or not value or _NUMBER.fullmatch(value):
+        return value
+    if value.startswith(_FORMULA_START) or value.startswith("'"):
+        return "'" + value
+    return value
+
+
+def unescape_cell(value: str) -> str:
+    """The inverse of :func:`escape_cell` for a cell read back from a CSV the pipeline wrote."""
+    return value[1:] if value.startswith("'") else value
+
+
 def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically."""
+    """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically.
+
+    Text cells that a spreadsheet would evaluate as formulas are escaped (:func:`escape_cell`).
+    """
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        w.writerow([escape_cell(h) for h in header])
+        w.writerows([escape_cell(cell) for cell in row] for row in rows)
+
+
+def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a CSV written by :func:`write_csv`, as dicts, with the formula escaping undone."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{unescape_cell(k): unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
