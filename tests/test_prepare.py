@@ -302,3 +302,32 @@ def test_hymenoptera_as_it_is(hymenoptera, tmp_path):
     assert {"train/ants/imageNotFound.gif", "train/ants/formica.jpeg"} <= paths
     assert meta["counts"]["train"] == {"ants": 124, "bees": 121} and meta["counts"]["val"] == {"ants": 70, "bees": 83}
     assert meta["image_sizes"]["images"] == 245 and meta["image_sizes"]["short_side"]["median"] == 369.0
+
+
+def test_extreme_aspect_ratio_is_skipped_from_the_header(tmp_path):
+    """A 1 x 100,000 PNG (a few hundred bytes) passes the pixel guard, but the resize would scale its short side up
+    (31 s and 6 GB at 96 px): it is skipped from its header, fast, with the reason; the limit is a param."""
+    import time
+
+    from PIL import Image
+
+    from pipeline.core.images import BadImageError, load_rgb
+
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=6)
+    strip = root / "0" / "strip.png"
+    Image.new("L", (1, 100_000), 0).save(strip, optimize=True)
+    assert strip.stat().st_size < 1000
+    t0 = time.perf_counter()
+    out, meta = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    assert time.perf_counter() - t0 < 20
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    assert skipped == {"0/strip.png": "extreme aspect ratio: 1x100000 is 100,000:1, over data.max_aspect_ratio = 20 "
+                                      "(the resize would scale the short side up to a huge image); raise "
+                                      "data.max_aspect_ratio to accept it"}
+    assert meta["max_aspect_ratio"] == 20.0
+    with pytest.raises(BadImageError, match="extreme aspect ratio"):  # predict and extract go through load_rgb too
+        load_rgb(strip)
+    wide = root / "1" / "wide.png"
+    Image.new("L", (300, 20), 0).save(wide)  # 15:1 passes at the default
+    out, _ = _run(tmp_path / "b", root, val_fraction=0.25, test_fraction=0.25, max_aspect_ratio=10.0)
+    assert "1/wide.png" in {r["path"] for r in _csv(out / "skipped.csv")}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.core.images import BadImageError, load_rgb, set_max_image_pixels
+from pipeline.core.images import BadImageError, load_rgb, set_max_aspect_ratio, set_max_image_pixels
 from pipeline.infra.artifacts import read_csv_rows, sha256_file, write_csv, write_json
-from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
+from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import progress_disabled
 
@@ -239,7 +239,7 @@ def _stratified(files: list[str], cfg: DataConfig) -> dict[str, str]:
     return {f: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, f in enumerate(order)}
 
 
-def check_image(path: Path, max_pixels: int) -> Checked:
+def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> Checked:
     """The sha256 and size (as loaded: EXIF rotation applied) of a usable image, or why a file cannot be used.
 
     Decodes every pixel with the loader extraction uses: a header check alone passes truncated files.
@@ -251,17 +251,18 @@ def check_image(path: Path, max_pixels: int) -> Checked:
     except OSError as exc:
         return Checked(reason=f"cannot read: {exc.strerror or exc}")
     try:
-        size = load_rgb(path, max_pixels).size
+        size = load_rgb(path, max_pixels, max_aspect).size
     except BadImageError as exc:
         return Checked(reason=exc.reason)
     return Checked(sha256=digest, size=size)
 
 
-def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int) -> list[Checked]:
+def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int,
+                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> list[Checked]:
     """check_image over every candidate, in threads (PIL and hashlib release the GIL while they work)."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda c: check_image(root / c.path, max_pixels), candidates)
+        results = pool.map(lambda c: check_image(root / c.path, max_pixels, max_aspect), candidates)
         return list(tqdm(results, total=len(candidates), desc="prepare: decoding", unit="file",
                          disable=progress_disabled()))
 
@@ -355,7 +356,7 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
     split_dirs, class_names, candidates, skipped = _find_candidates(root)
     entries = []
     sizes: dict[str, tuple[int, int]] = {}
-    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels)):
+    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels, cfg.max_aspect_ratio)):
         if checked.reason:
             skipped.append((c.path, checked.reason))
         else:
@@ -393,7 +394,8 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
     return ScanResult(classes, entries, skipped, warnings, dup_counts, train_sizes)
 
 
-def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
     """Writes index.csv, skipped.csv, duplicates.csv and classes.json; each file appears atomically.
 
     classes.json is written last: a folder that has it has all the others.
@@ -412,6 +414,7 @@ def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DE
     write_json(out / "classes.json", {"classes": classes, "source": source, "counts": counts,
                                       "skipped": len(result.skipped), "duplicates": result.duplicates,
                                       "warnings": result.warnings, "max_image_pixels": max_pixels,
+                                      "max_aspect_ratio": max_aspect,
                                       IMAGE_SIZES_KEY: result.image_sizes})
 
 
@@ -428,6 +431,7 @@ def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:
     rows = read_csv_rows(index_dir / "index.csv")  # undoes the formula escaping of class names and paths
     meta = json.loads((index_dir / "classes.json").read_text(encoding="utf-8"))
     set_max_image_pixels(meta.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    set_max_aspect_ratio(meta.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO))
     return rows, meta
 
 

@@ -25,6 +25,11 @@ PARAMS_FILE = Path("params.yaml")
 # PIL's own hard limit (twice its warning threshold Image.MAX_IMAGE_PIXELS): about 13,400 x 13,400 pixels, ~537 MB
 # decoded as RGB. Far above any photo a classifier needs, far below what exhausts a worker's memory.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Long side / short side above which an image is refused from its header. The resize scales the short side up to
+# the crop's resize size, so a 1 x 100,000 PNG of 475 bytes would become a 109 x 10.9 M image (6 GB at 96 px).
+# Phone panoramas reach about 10:1; nothing a classifier is trained on is near 20:1.
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+MAX_ASPECT_RATIO_LIMIT = 10_000.0
 
 
 # Upper bounds on sizes: far above anything useful on one machine, low enough that a typo (an extra zero or three)
@@ -65,7 +70,8 @@ class DataConfig:
     happens to files that cannot be used.
 
     `max_image_pixels` (width x height) is the decompression-bomb guard: larger images are skipped by prepare (and
-    refused when loaded later). `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
+    refused when loaded later). `max_aspect_ratio` (long side / short side, at most 10,000) bounds what the resize
+    makes of an image: checked from the header like the pixel limit, before any pixel is decoded. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
     """
 
@@ -74,6 +80,7 @@ class DataConfig:
     test_fraction: float = 0.2
     seed: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     on_bad_file: Literal["skip", "error"] = "skip"
 
     def validate(self, prefix: str) -> None:
@@ -81,6 +88,7 @@ class DataConfig:
             raise ConfigError(f"{prefix}.source is empty; give the path of an ImageFolder root")
         _check_range(f"{prefix}.max_image_pixels", self.max_image_pixels, 1, MAX_IMAGE_PIXELS_LIMIT)
         _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
+        _check_range(f"{prefix}.max_aspect_ratio", self.max_aspect_ratio, 1.0, MAX_ASPECT_RATIO_LIMIT)
         _check_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
