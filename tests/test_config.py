@@ -23,7 +23,7 @@ def _params(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("text,section,expected", [
     ("data:\n  val_fracton: 0.1\n", "data",
      r"unknown key 'data.val_fracton' in params.yaml \(did you mean 'data.val_fraction'\?\); allowed keys: "
-     r"source, val_fraction, test_fraction, seed, max_image_pixels, max_aspect_ratio, on_bad_file"),
+     r"source, val_fraction, test_fraction, seed, max_image_pixels, max_aspect_ratio, on_bad_file, follow_links"),
     ("heads:\n  mlp:\n    hiden: [64]\n", "heads", r"unknown key 'heads.mlp.hiden' .*did you mean 'heads.mlp.hidden'"),
     ("heads:\n  mlpp: {}\n", "heads",
      r"unknown key 'heads.mlpp' .*did you mean 'heads.mlp'.*allowed keys: logreg, mlp"),

@@ -71,7 +71,10 @@ class DataConfig:
 
     `max_image_pixels` (width x height) is the decompression-bomb guard: larger images are skipped by prepare (and
     refused when loaded later). `max_aspect_ratio` (long side / short side, at most 10,000) bounds what the resize
-    makes of an image: checked from the header like the pixel limit, before any pixel is decoded. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
+    makes of an image: checked from the header like the pixel limit, before any pixel is decoded.
+    `follow_links`: which symlinked folders prepare follows: `inside` (only those leading to a folder under `source`,
+    which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
+    scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
     """
 
@@ -82,6 +85,7 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     on_bad_file: Literal["skip", "error"] = "skip"
+    follow_links: Literal["inside", "all", "none"] = "inside"
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():
