@@ -21,7 +21,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from pipeline.infra.artifacts import atomic_path, read_json, write_json
+from pipeline.infra.artifacts import atomic_path, check_free_space, read_json, write_json
 from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.extract")
@@ -48,6 +48,24 @@ def checkpoint_spans(n_rows: int, rows_per: int) -> list[tuple[int, int]]:
 
 def checkpoint_path(partial: Path, span: tuple[int, int]) -> Path:
     return partial / f"rows-{span[0]:010d}-{span[1]:010d}.h5"
+
+
+HDF5_OVERHEAD = 1 << 20  # headers, B-trees, attributes: far below a MiB for any index, a margin on top
+
+
+def features_bytes(n_rows: int, channels: int, dtype: str) -> int:
+    """Bytes that `n_rows` rows of features take on disk: avg and max, plus int64 labels and ids."""
+    return n_rows * (2 * channels * np.dtype(dtype).itemsize + 16) + HDF5_OVERHEAD
+
+
+def check_space_for_extraction(out: Path, rows_to_do: int, n_rows: int, channels: int, dtype: str) -> int:
+    """Raises DiskFullError unless the checkpoints still to write and the final file fit; returns the estimate.
+
+    Both live on the same file system until the end (the checkpoints are deleted only once the file is in place).
+    """
+    needed = features_bytes(rows_to_do, channels, dtype) + features_bytes(n_rows, channels, dtype)
+    check_free_space(out, needed, f"the features file ({n_rows:,} rows x {channels:,} x 2 {dtype}) and its checkpoints")
+    return needed
 
 
 def checkpoint_checksum(avg: np.ndarray, mx: np.ndarray, ids: np.ndarray) -> str:
@@ -163,7 +181,8 @@ class CheckpointWriter:
                 self._write((start, stop), self._buffers.pop(int(c)))
 
     def _write(self, span: tuple[int, int], buf: _Buffer) -> None:
-        with atomic_path(checkpoint_path(self.partial, span)) as tmp, h5py.File(tmp, "w") as f:
+        needed = features_bytes(span[1] - span[0], self.channels, self.dtype.name)
+        with atomic_path(checkpoint_path(self.partial, span), needed) as tmp, h5py.File(tmp, "w") as f:
             ids = np.arange(*span, dtype=np.int64)
             f.create_dataset("avg", data=buf.avg)
             f.create_dataset("max", data=buf.max)
@@ -214,7 +233,7 @@ def assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: l
 
     Always a fresh file written in the same order, so its bytes do not depend on how the checkpoints came about.
     """
-    with atomic_path(out) as tmp:
+    with atomic_path(out, features_bytes(len(rows), channels, dtype)) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             for key in sorted(attrs):
                 f.attrs[key] = attrs[key]

@@ -40,6 +40,7 @@ from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
+    check_space_for_extraction,
     checkpoint_spans,
     completed_spans,
     discard_damaged,
@@ -218,6 +219,8 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         mine = share(todo, info.rank, info.world_size)
         barrier()  # every rank has listed the checkpoints before any rank writes a new one
         resumed = sum(stop - start for start, stop in done)
+        if info.is_main:  # before any image is read: a disk that fills later may crash h5py without a message
+            check_space_for_extraction(out, len(rows) - resumed, len(rows), net.num_features, cfg.dtype)
         if done and info.is_main:
             log.info("extract: resuming from %s: %d of %d rows already extracted, %d to go", partial, resumed,
                      len(rows), len(rows) - resumed)

@@ -49,7 +49,7 @@ def save_checkpoint(out: Path, net: TransferNet, backbone: BackboneConfig, spec:
                     info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
+    with atomic_path(out / "model.safetensors", sum(t.nbytes for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out / "model.json", {"backbone": {"name": backbone.name, "weights": backbone.weights,
                                                  "image_size": backbone.image_size},

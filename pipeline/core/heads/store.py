@@ -66,7 +66,7 @@ def build_head(spec: dict) -> nn.Module:
 def save_head(out: Path, module: nn.Module, spec: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(out / "head.safetensors") as tmp:
+    with atomic_path(out / "head.safetensors", sum(t.nbytes for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out / "head.json", spec)
 
