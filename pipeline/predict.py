@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.prediction import collect_files, load_model, predict, write_rows
+from pipeline.infra.errors import PipelineError
 from pipeline.infra.runner import run_main, stage_parser
 
 log = logging.getLogger("pipeline.predict")
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Inputs: models/finetune (model.safetensors + model.json) or models/selected.json + models/heads/<head>."
                " Output: a CSV (path, predicted, probability, top_k, error) and the same rows on stdout."
                " Reads no params.yaml: everything comes from the saved models.")
-    parser.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    # str, not Path: Path("https://x") drops a slash, and the URL check must see what was typed
+    parser.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", choices=("finetune", "head"), default="finetune",
                         help="the fine-tuned network, or the selected head on the frozen backbone (default: %(default)s)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where dvc repro put the models")
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     out.writerows(rows)
     log.info("predict: %d predicted, %d unreadable (see the error column), written to %s", len(rows) - len(bad),
              len(bad), args.out)
+    if len(bad) == len(rows):  # nothing was predicted: a script checking the exit code must see that
+        raise PipelineError(f"none of the {len(rows)} files could be read (first: {bad[0]['path']}: "
+                            f"{bad[0]['error']}); see the error column in {args.out}")
 
 
 if __name__ == "__main__":

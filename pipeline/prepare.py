@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg: DataConfig = load_section("data", args.params)
     result = scan(Path(cfg.source), cfg)
-    write_index(args.out, cfg.source, result, cfg.max_image_pixels)
+    write_index(args.out, cfg.source, result, cfg.max_image_pixels, cfg.max_aspect_ratio)
     log_summary(result, args.out)
 
 

@@ -23,7 +23,7 @@ def _params(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("text,section,expected", [
     ("data:\n  val_fracton: 0.1\n", "data",
      r"unknown key 'data.val_fracton' in params.yaml \(did you mean 'data.val_fraction'\?\); allowed keys: "
-     r"source, val_fraction, test_fraction, seed, max_image_pixels, on_bad_file"),
+     r"source, val_fraction, test_fraction, seed, max_image_pixels, max_aspect_ratio, on_bad_file, follow_links"),
     ("heads:\n  mlp:\n    hiden: [64]\n", "heads", r"unknown key 'heads.mlp.hiden' .*did you mean 'heads.mlp.hidden'"),
     ("heads:\n  mlpp: {}\n", "heads",
      r"unknown key 'heads.mlpp' .*did you mean 'heads.mlp'.*allowed keys: logreg, mlp"),
@@ -54,10 +54,10 @@ def test_wrong_types(tmp_path, text, expected):
 @pytest.mark.parametrize("text,expected", [
     ("data:\n  val_fraction: 1.5\n", r"data.val_fraction = 1.5 is out of range; allowed: \(0.0, 1.0\]"),
     ("data:\n  val_fraction: 0.6\n  test_fraction: 0.5\n", r"data.val_fraction \+ data.test_fraction must be < 1"),
-    ("data:\n  max_image_pixels: 0\n", r"data.max_image_pixels = 0 is out of range; allowed: \[1, inf\]"),
+    ("data:\n  max_image_pixels: 0\n", r"data.max_image_pixels = 0 is out of range; allowed: \[1, 2147483647\]"),
     ("data:\n  source: ''\n", r"data.source is empty"),
     ("heads:\n  mlp:\n    dropout: 1.0\n", r"heads.mlp.dropout must be < 1"),
-    ("extract:\n  batch_size: 0\n", r"extract.batch_size = 0 is out of range; allowed: \[1, inf\]"),
+    ("extract:\n  batch_size: 0\n", r"extract.batch_size = 0 is out of range; allowed: \[1, 65536\]"),
     ("backbone:\n  image_size: 8\n", r"backbone.image_size = 8 is out of range; allowed: \[16, 4096\]"),
 ])
 def test_out_of_range(tmp_path, text, expected):
@@ -102,3 +102,54 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
                       "'heads.mlp.hidden'?); allowed keys: hidden, dropout, lr, weight_decay, batch_size, epochs, "
                       "patience, seed"], proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("heads:\n  mlp:\n    lr: .nan\n", r"heads.mlp.lr = nan is not a finite number"),
+    ("heads:\n  mlp:\n    lr: .inf\n", r"heads.mlp.lr = inf is not a finite number"),
+    ("heads:\n  mlp:\n    weight_decay: .inf\n", r"heads.mlp.weight_decay = inf is not a finite number"),
+    ("heads:\n  mlp:\n    dropout: .nan\n", r"heads.mlp.dropout = nan is not a finite number"),
+    ("heads:\n  logreg:\n    C: [.nan]\n", r"heads.logreg.C\[0\] = nan is not a finite number"),
+    ("data:\n  val_fraction: .nan\n", r"data.val_fraction = nan is not a finite number"),
+    ("finetune:\n  lr: -.inf\n", r"finetune.lr = -inf is not a finite number"),
+    ("finetune:\n  clip_grad_norm: .nan\n", r"finetune.clip_grad_norm = nan is not a finite number"),
+])
+def test_nan_and_inf_are_refused(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_section("data", _params(tmp_path, text))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("heads:\n  mlp:\n    hidden: [1000000]\n", r"heads.mlp.hidden = 1000000 is out of range; allowed: \[1, 65536\]"),
+    ("heads:\n  mlp:\n    batch_size: 10000000\n", r"heads.mlp.batch_size = .* allowed: \[1, 65536\]"),
+    ("heads:\n  mlp:\n    epochs: 1000000000\n", r"heads.mlp.epochs = .* allowed: \[1, 100000\]"),
+    ("heads:\n  logreg:\n    max_iter: 100000000000\n", r"heads.logreg.max_iter = .* allowed: \[1, 10000000\]"),
+    ("extract:\n  batch_size: 1000000\n", r"extract.batch_size = .* allowed: \[1, 65536\]"),
+    ("extract:\n  workers: 10000\n", r"extract.workers = .* allowed: \[0, 256\]"),
+    ("finetune:\n  batch_size: 1000000\n", r"finetune.batch_size = .* allowed: \[1, 65536\]"),
+    ("finetune:\n  epochs: 1000000\n", r"finetune.epochs = .* allowed: \[0, 100000\]"),
+    ("backbone:\n  image_size: 100000\n", r"backbone.image_size = 100000 is out of range; allowed: \[16, 4096\]"),
+    ("data:\n  max_image_pixels: 100000000000\n", r"data.max_image_pixels = .* allowed: \[1, 2147483647\]"),
+])
+def test_absurd_sizes_are_refused_with_the_range(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_section("data", _params(tmp_path, text))
+
+
+@pytest.mark.parametrize("value,fix", [("1e-3", "1.0e-3"), ("5E-4", "5.0e-4"), ("1.5e2", "1.5e+2")])
+def test_yaml11_exponent_strings_get_a_hint(tmp_path, value, fix):
+    """PyYAML reads 1e-3 as a string; the message says what YAML wants instead."""
+    with pytest.raises(ConfigError, match=rf"heads.mlp.lr = '{value}' is read as a string by YAML 1.1; "
+                                          rf"write it as {fix.replace('+', '[+]')}"):
+        load_section("data", _params(tmp_path, f"heads:\n  mlp:\n    lr: {value}\n"))
+    # and the fix is a number to PyYAML
+    assert load_section("heads", _params(tmp_path, f"heads:\n  mlp:\n    lr: {fix}\n")).mlp.lr == float(fix)
+
+
+def test_nan_param_stops_the_stage_with_one_line(tmp_path):
+    params = write_params(tmp_path / "params.yaml", heads={"mlp.lr": float("nan")})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out",
+                           str(tmp_path / "prepared")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "prepare: error: heads.mlp.lr = nan is not a finite number" in proc.stderr

@@ -189,6 +189,36 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
     assert sha256(out) == sha256(digits60["ref"])
 
 
+def test_damaged_checkpoint_is_recomputed_never_merged(digits60, tmp_path: Path, monkeypatch, caplog):
+    """16 damaged bytes in a checkpoint's data (used to end as a 1.9e37 value in features.h5, exit 0): the resume
+    sees the checksum mismatch, recomputes that checkpoint alone, and the file equals an uninterrupted run's."""
+    cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
+    out = tmp_path / "f.h5"
+    partial = ex.partial_dir(out)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ex, "assemble", die)
+        with pytest.raises(KeyboardInterrupt):
+            ex.extract_features(digits60["index"], out, BB32, cfg)
+    victim = partial / "rows-0000000016-0000000024.h5"
+    with h5py.File(victim, "r") as f:
+        offset = f["max"].id.get_offset()  # contiguous data: the raw bytes of the array in the file
+    with open(victim, "r+b") as fh:
+        fh.seek(offset + 64)
+        fh.write(bytes(range(200, 216)))
+    calls = []
+    real = ex._run_rows
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        ex.extract_features(digits60["index"], out, BB32, cfg)
+    assert calls == [[(16, 24)]]
+    assert "does not match its checksum (damaged on disk); recomputing its rows 16-24" in caplog.text
+    assert sha256(out) == sha256(digits60["ref"]) and not partial.exists()
+
+
 def _extract_cmd(params: Path, index: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline.extract", "--params", str(params), "--index", str(index), "--out", str(out)]
 
@@ -196,6 +226,51 @@ def _extract_cmd(params: Path, index: Path, out: Path) -> list[str]:
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1",
             **extra}
+
+
+def test_second_run_on_the_same_out_names_the_holder_and_ctrl_c_is_one_line(digits60, tmp_path: Path):
+    """Two real extract runs on one --out: the second says who writes it (it used to report a checkpoint missing
+    "under multi-node torchrun"); Ctrl-C in the first prints one line and exits 130 (a 70-line traceback before)."""
+    import shutil
+
+    rows, meta = read_index(digits60["index"])
+    source = tmp_path / "source"
+    shutil.copytree(meta["source"], source)
+    index = tmp_path / "prepared"
+    shutil.copytree(digits60["index"], index)
+    classes = json.loads((index / "classes.json").read_text())
+    (index / "classes.json").write_text(json.dumps({**classes, "source": str(source)}))
+    blocker = source / rows[40]["path"]
+    blocker.unlink()
+    os.mkfifo(blocker)  # the first run blocks here (rows 0-31 written), holding the output, until interrupted
+    out = tmp_path / "features.h5"
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 8, "workers": 0, "checkpoint_rows": 8})
+    first = subprocess.Popen(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _second_run_and_interrupt(first, params, index, out, tmp_path)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def _second_run_and_interrupt(first: subprocess.Popen, params: Path, index: Path, out: Path, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while len(list(ex.partial_dir(out).glob("rows-*.h5"))) < 4:
+        assert first.poll() is None, f"extract ended early:\n{first.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    second = subprocess.run(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"extract: error: '{out}' is being written by another process (pid {first.pid} on " in second.stderr
+    assert len(list(ex.partial_dir(out).glob("rows-*.h5"))) >= 2  # the second run touched nothing
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert "extract: interrupted (Ctrl-C)" in err and not out.exists()
 
 
 @pytest.mark.slow

@@ -206,3 +206,17 @@ def test_auto_image_size_agrees_everywhere_and_is_recorded_as_a_number(tiny_cach
     for kind in ("finetune", "head"):
         _, pre, _, _ = load_model(kind, models)
         assert (pre.size, pre.resize) == (96, 109)
+
+
+def test_finetune_that_diverges_stops_with_one_line(fitted, tmp_path):
+    """A learning rate far too high makes the loss NaN/inf: the stage names the cause and writes nothing."""
+    from pipeline.core.divergence import TrainingDivergedError
+
+    selected = _select(fitted, tmp_path, "logreg")
+    params = _override(fitted["params"], tmp_path / "params.yaml", lr=1.0e12, body_lr_ratio=1.0,
+                       clip_grad_norm=0.0, epochs=2)
+    with pytest.raises(TrainingDivergedError, match=r"finetune (train|val) loss is (nan|inf) at epoch 1: training "
+                                                    r"diverged; lower finetune.lr \(now 1e\+12\)"):
+        finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
+                     tmp_path / "f.json")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "f.json").exists()

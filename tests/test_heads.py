@@ -67,3 +67,72 @@ def test_mlp_head_has_fastais_dropout_layout():
     assert rates(MlpHead(8, 3, [16, 16], dropout=0.5)) == [0.25, 0.25, 0.5]
     assert rates(MlpHead(8, 3, [16], dropout=0.5)) == [0.25, 0.5]
     assert rates(MlpHead(8, 3, [], dropout=0.5)) == [0.5]
+
+
+def _stage(args: list[str], cwd) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(cwd / "runs")})
+
+
+def test_mlp_lr_far_too_high_stops_with_one_line(tiny_cache, tmp_path):
+    """lr 1e6 used to report val loss 4e27 and exit 0; now the stage names the divergence and the params."""
+    import yaml
+
+    raw = yaml.safe_load(tiny_cache["params"].read_text())
+    raw["heads"]["mlp"]["lr"] = 1.0e6
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    proc = _stage(["pipeline.heads", "mlp", "--params", str(params), "--features", str(tiny_cache["features"]),
+                   "--index", str(tiny_cache["index"]), "--out", str(tmp_path / "mlp"),
+                   "--metrics", str(tmp_path / "m.json")], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if "error" in x]
+    assert len(line) == 1 and "training diverged; lower heads.mlp.lr (now 1e+06)" in line[0], proc.stderr
+    assert not (tmp_path / "mlp").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_mlp_on_nan_features_never_saves_initial_weights(tmp_path):
+    """Features with NaN: no finite loss at all (best epoch -1 used to save the initial weights, exit 0)."""
+    from pipeline.core.divergence import TrainingDivergedError
+    from pipeline.core.heads.mlp import fit_mlp
+    from pipeline.infra.config import MlpConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x[3, 2] = np.nan
+    y = np.arange(40) % 2
+    with pytest.raises(TrainingDivergedError, match=r"heads@mlp (train|val) loss is nan .*heads.mlp.lr"):
+        fit_mlp(x[:30], y[:30], x[30:], y[30:], MlpConfig(hidden=[4], epochs=3), 2)
+    x[3, 2] = 0.0
+    x[35, 1] = np.inf  # only val damaged: the untrained head's val loss is already not finite
+    with pytest.raises(TrainingDivergedError, match=r"val loss of the untrained head is nan"):
+        fit_mlp(x[:30], y[:30], x[30:], y[30:], MlpConfig(hidden=[4], epochs=3), 2)
+
+
+def test_features_with_nan_are_refused_naming_split_dataset_and_rows(tiny_cache, tmp_path):
+    """64 damaged bytes in train/max used to give 'best epoch -1', the initial weights and exit 0."""
+    import shutil
+
+    import h5py
+
+    features = tmp_path / "features.h5"
+    shutil.copy(tiny_cache["features"], features)
+    with h5py.File(features, "r+") as f:
+        damaged = f["train/max"][...]
+        damaged[[1, 4, 5], 0] = np.nan
+        damaged[7, 3] = np.inf
+        f["train/max"][...] = damaged
+    with pytest.raises(Exception, match=r"split 'train', dataset 'max' has 4 of \d+ rows with NaN or inf values "
+                                        r"\(first at row 1\)"):
+        read_split(features, "train")
+    proc = _stage(["pipeline.heads", "mlp", "--params", str(tiny_cache["params"]), "--features", str(features),
+                   "--index", str(tiny_cache["index"]), "--out", str(tmp_path / "mlp"),
+                   "--metrics", str(tmp_path / "m.json")], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "split 'train', dataset 'max' has 4 of" in proc.stderr and not (tmp_path / "mlp").exists()

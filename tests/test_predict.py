@@ -67,3 +67,84 @@ def test_predict_folder_with_a_bad_file(tiny_cache, models, tmp_path, model):
         predicted = [g["predicted"] for g in good]
         assert predicted == [meta["classes"][i] for i in cached]
     assert np.mean([g["predicted"] == r["class"] for g, r in zip(good, val)]) >= 0.5
+
+
+def _run_predict(models: Path, target: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.predict", target, "--models-dir", str(models), "--out",
+                           str(out), *extra], env=dvc_env(), capture_output=True, text=True, cwd=out.parent)
+
+
+@pytest.mark.parametrize("model,file", [("head", "head.json"), ("finetune", "model.json")])
+def test_predict_refuses_edited_classes(tiny_cache, models, tmp_path, model, file):
+    """Classes swapped in head.json used to invert every label with exit 0; now the checksum refuses the file."""
+    edited = tmp_path / "models"
+    shutil.copytree(models, edited)
+    name = json.loads((edited / "selected.json").read_text())["head"]
+    path = edited / "heads" / name / file if model == "head" else edited / "finetune" / file
+    spec = json.loads(path.read_text())
+    classes = spec["classes"]
+    swapped = [classes[1], classes[0], *classes[2:]]
+    if model == "head":
+        spec["classes"] = swapped
+    else:  # both copies edited consistently: only the checksum can tell
+        spec["classes"] = spec["head"]["classes"] = swapped
+    path.write_text(json.dumps(spec))
+    image = tmp_path / "one.png"
+    rows, meta = read_index(tiny_cache["index"])
+    shutil.copy(Path(meta["source"]) / rows[0]["path"], image)
+    proc = _run_predict(edited, str(image), tmp_path / "pred.csv", "--model", model)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{file}': its classes {swapped!r} or its features fingerprint do not match the checksum" in proc.stderr
+    assert not (tmp_path / "pred.csv").exists()
+
+
+def test_predict_on_a_url_says_urls_are_not_supported(tmp_path):
+    """It used to say "'https:/example.com/...' does not exist" (a slash lost, URLs not mentioned)."""
+    proc = _run_predict(tmp_path / "models", "https://example.com/ant.jpg", tmp_path / "pred.csv")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert ("predict: error: 'https://example.com/ant.jpg' is a URL; URLs are not supported: download the file "
+            "and give its local path") in proc.stderr
+
+
+def test_predict_empty_file_says_so_and_all_failed_is_an_error(models, tmp_path):
+    """A 0-byte file: "empty file" (not "not in any image format"); every file failed: exit 2, the CSV still there."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_bytes(b"not an image")
+    proc = _run_predict(models, str(folder), tmp_path / "pred.csv", "--model", "head")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "predict: error: none of the 2 files could be read (first: " in proc.stderr
+    with open(tmp_path / "pred.csv", newline="") as f:
+        errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(f)}
+    assert errors["empty.jpg"].endswith("empty file (0 bytes)")
+    assert "not in any image format" in errors["text.png"]
+
+
+def test_csv_cells_are_escaped_against_formula_injection(tmp_path):
+    """A class folder named '=cmd' (and a file '+x.png') reach index.csv escaped, and read back unchanged."""
+    from conftest import write_digit_folder, write_params
+
+    from pipeline import prepare
+    from pipeline.infra.artifacts import escape_cell, read_csv_rows, write_csv
+
+    digits = write_digit_folder(tmp_path / "digits", classes=2, per_class=8)
+    (digits / "0").rename(digits / "=cmd")
+    first = sorted((digits / "1").iterdir())[0]
+    first.rename(first.with_name("+x.png"))
+    params = write_params(tmp_path / "params.yaml", data={"source": str(digits), "val_fraction": 0.25,
+                                                          "test_fraction": 0.25})
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "prepared")])
+    text = (tmp_path / "prepared" / "index.csv").read_text()
+    assert ",'=cmd," in text and ",=cmd," not in text and "1/+x.png" in text  # mid-cell '+' is harmless
+    rows, meta = read_index(tmp_path / "prepared")
+    assert {r["class"] for r in rows} == {"=cmd", "1"} and "=cmd" in meta["classes"]
+    assert escape_cell("\rx") == "'\rx"  # (a bare CR is not quoted by Python's csv writer: not written below)
+    cells = ["=1+1", "+A1", "-A1", "@SUM(A1)", "\tx", "'quoted", "-0.5", "+1e-3", "plain", 3, -2.5]
+    write_csv(tmp_path / "t.csv", ["c"], [[c] for c in cells])
+    with open(tmp_path / "t.csv", newline="") as f:
+        written = [r[0] for r in csv.reader(f)][1:]
+    assert written == ["'=1+1", "'+A1", "'-A1", "'@SUM(A1)", "'\tx", "''quoted",
+                       "-0.5", "+1e-3", "plain", "3", "-2.5"]  # numbers stay numbers
+    assert [escape_cell(c) for c in cells] == [*written[:9], 3, -2.5]
+    assert [r["c"] for r in read_csv_rows(tmp_path / "t.csv")] == [str(c) for c in cells]

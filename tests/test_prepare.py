@@ -302,3 +302,80 @@ def test_hymenoptera_as_it_is(hymenoptera, tmp_path):
     assert {"train/ants/imageNotFound.gif", "train/ants/formica.jpeg"} <= paths
     assert meta["counts"]["train"] == {"ants": 124, "bees": 121} and meta["counts"]["val"] == {"ants": 70, "bees": 83}
     assert meta["image_sizes"]["images"] == 245 and meta["image_sizes"]["short_side"]["median"] == 369.0
+
+
+def test_extreme_aspect_ratio_is_skipped_from_the_header(tmp_path):
+    """A 1 x 100,000 PNG (a few hundred bytes) passes the pixel guard, but the resize would scale its short side up
+    (31 s and 6 GB at 96 px): it is skipped from its header, fast, with the reason; the limit is a param."""
+    import time
+
+    from PIL import Image
+
+    from pipeline.core.images import BadImageError, load_rgb
+
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=6)
+    strip = root / "0" / "strip.png"
+    Image.new("L", (1, 100_000), 0).save(strip, optimize=True)
+    assert strip.stat().st_size < 1000
+    t0 = time.perf_counter()
+    out, meta = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    assert time.perf_counter() - t0 < 20
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    assert skipped == {"0/strip.png": "extreme aspect ratio: 1x100000 is 100,000:1, over data.max_aspect_ratio = 20 "
+                                      "(the resize would scale the short side up to a huge image); raise "
+                                      "data.max_aspect_ratio to accept it"}
+    assert meta["max_aspect_ratio"] == 20.0
+    with pytest.raises(BadImageError, match="extreme aspect ratio"):  # predict and extract go through load_rgb too
+        load_rgb(strip)
+    wide = root / "1" / "wide.png"
+    Image.new("L", (300, 20), 0).save(wide)  # 15:1 passes at the default
+    out, _ = _run(tmp_path / "b", root, val_fraction=0.25, test_fraction=0.25, max_aspect_ratio=10.0)
+    assert "1/wide.png" in {r["path"] for r in _csv(out / "skipped.csv")}
+
+
+def _linked_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A digit folder whose class '0' holds a symlinked folder to images outside it, one to a sibling class inside
+    the root, and one to /proc."""
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=6)
+    foreign = write_digit_folder(tmp_path / "foreign", classes=1, per_class=4)
+    os.symlink(foreign / "0", root / "0" / "outside")
+    (root / "extra").mkdir()
+    write_digit_folder(root / "extra", classes=1, per_class=2)
+    os.symlink(root / "extra" / "0", root / "0" / "inside")
+    os.symlink("/proc", root / "1" / "proc")
+    return root, foreign
+
+
+def test_symlinked_folders_follow_the_policy_and_are_listed(tmp_path):
+    """A link to a foreign folder used to put its images into the class, exit 0; /proc or / was walked."""
+    root, foreign = _linked_tree(tmp_path)
+    out, meta = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    paths = {r["path"] for r in _csv(out / "index.csv")}
+    assert skipped["0/outside/"].startswith(f"symlinked folder leads outside data.source (to {foreign / '0'}); not "
+                                            "followed") and "data.follow_links: all" in skipped["0/outside/"]
+    assert skipped["1/proc/"] == "symlinked folder to the system folder /proc; never scanned"
+    assert not any(p.startswith("0/outside/") for p in paths)
+    assert any(p.startswith("0/inside/") for p in paths)  # inside the root: DVC sees it, so it is followed
+
+    out, _ = _run(tmp_path / "b", root, val_fraction=0.25, test_fraction=0.25, follow_links="all")
+    paths = {r["path"] for r in _csv(out / "index.csv")}
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    assert sum(p.startswith("0/outside/") for p in paths) == 4 and "1/proc/" in skipped  # /proc: never
+
+    out, _ = _run(tmp_path / "c", root, val_fraction=0.25, test_fraction=0.25, follow_links="none")
+    skipped = {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")}
+    assert skipped["0/inside/"] == "symlinked folder; not followed (data.follow_links: none)"
+
+
+@pytest.mark.parametrize("source", ["/", "/proc"])
+def test_system_folder_as_source_is_refused_in_one_line(tmp_path, source):
+    import subprocess
+    import sys
+
+    params = write_params(tmp_path / "params.yaml", data={"source": source})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out",
+                           str(tmp_path / "prepared")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"prepare: error: data.source '{source}' is the system folder {source}; it is never scanned" in proc.stderr

@@ -5,9 +5,12 @@ torchrun ranks). Each finished checkpoint is its own small HDF5 file in `<out>.p
 name and renamed, so it is complete or absent; `fingerprint.json` there says which settings made them, and a partial
 extraction from other settings is discarded. The final file is always assembled fresh from the checkpoints, in the
 same order, so its bytes do not depend on how the checkpoints came about (interrupted, resumed, several ranks).
+Each checkpoint carries the SHA-256 of its arrays: a resume recomputes any checkpoint whose content no longer matches
+(damaged on disk) instead of merging it into the features file.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -18,12 +21,13 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from pipeline.infra.artifacts import atomic_path, read_json, write_json
+from pipeline.infra.artifacts import atomic_path, check_free_space, read_json, write_json
 from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.extract")
 
 CHUNK_ROWS = 256  # HDF5 chunk rows of the final file (full width: one row read never touches two chunks)
+CHECKSUM_ATTR = "sha256"  # checkpoint attribute: SHA-256 of avg, max and ids bytes, in that order
 _CHECKPOINT_NAME = re.compile(r"rows-(\d{10})-(\d{10})\.h5")
 
 
@@ -44,6 +48,68 @@ def checkpoint_spans(n_rows: int, rows_per: int) -> list[tuple[int, int]]:
 
 def checkpoint_path(partial: Path, span: tuple[int, int]) -> Path:
     return partial / f"rows-{span[0]:010d}-{span[1]:010d}.h5"
+
+
+HDF5_OVERHEAD = 1 << 20  # headers, B-trees, attributes: far below a MiB for any index, a margin on top
+
+
+def features_bytes(n_rows: int, channels: int, dtype: str) -> int:
+    """Bytes that `n_rows` rows of features take on disk: avg and max, plus int64 labels and ids."""
+    return n_rows * (2 * channels * np.dtype(dtype).itemsize + 16) + HDF5_OVERHEAD
+
+
+def check_space_for_extraction(out: Path, rows_to_do: int, n_rows: int, channels: int, dtype: str) -> int:
+    """Raises DiskFullError unless the checkpoints still to write and the final file fit; returns the estimate.
+
+    Both live on the same file system until the end (the checkpoints are deleted only once the file is in place).
+    """
+    needed = features_bytes(rows_to_do, channels, dtype) + features_bytes(n_rows, channels, dtype)
+    check_free_space(out, needed, f"the features file ({n_rows:,} rows x {channels:,} x 2 {dtype}) and its checkpoints")
+    return needed
+
+
+def checkpoint_checksum(avg: np.ndarray, mx: np.ndarray, ids: np.ndarray) -> str:
+    """SHA-256 of a checkpoint's arrays (C order bytes), so that damage on disk is seen before a merge."""
+    digest = hashlib.sha256()
+    for array in (avg, mx, ids):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(avg, max) of a checkpoint whose rows and checksum are what they should be.
+
+    Raises:
+        CheckpointError: unreadable, other rows than its name says, or content that does not match its checksum.
+    """
+    try:
+        with h5py.File(path, "r") as c:
+            avg, mx, ids = c["avg"][...], c["max"][...], c["ids"][...]
+            recorded = c.attrs.get(CHECKSUM_ATTR)
+    except (OSError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc})") from None
+    if not np.array_equal(ids, np.arange(*span)):
+        raise CheckpointError(f"checkpoint {path} holds other rows than its name says")
+    if recorded is None or str(recorded) != checkpoint_checksum(avg, mx, ids):
+        raise CheckpointError(f"checkpoint {path} does not match its checksum (damaged on disk)")
+    return avg, mx
+
+
+def discard_damaged(partial: Path, spans: Sequence[tuple[int, int]]) -> list[Path]:
+    """Deletes the checkpoints that fail :func:`read_checkpoint`, so a resume recomputes them; returns them.
+
+    Run by one process (rank 0) before any rank lists the checkpoints: never two processes deleting.
+    """
+    removed = []
+    for span in sorted(completed_spans(partial, spans)):
+        path = checkpoint_path(partial, span)
+        try:
+            read_checkpoint(path, span)
+        except CheckpointError as exc:
+            log.warning("extract: %s; recomputing its rows %d-%d", exc, *span)
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _split_ranges(rows: list[dict]) -> dict[str, tuple[int, int]]:
@@ -115,10 +181,13 @@ class CheckpointWriter:
                 self._write((start, stop), self._buffers.pop(int(c)))
 
     def _write(self, span: tuple[int, int], buf: _Buffer) -> None:
-        with atomic_path(checkpoint_path(self.partial, span)) as tmp, h5py.File(tmp, "w") as f:
+        needed = features_bytes(span[1] - span[0], self.channels, self.dtype.name)
+        with atomic_path(checkpoint_path(self.partial, span), needed) as tmp, h5py.File(tmp, "w") as f:
+            ids = np.arange(*span, dtype=np.int64)
             f.create_dataset("avg", data=buf.avg)
             f.create_dataset("max", data=buf.max)
-            f.create_dataset("ids", data=np.arange(*span, dtype=np.int64))
+            f.create_dataset("ids", data=ids)
+            f.attrs[CHECKSUM_ATTR] = checkpoint_checksum(buf.avg, buf.max, ids)
         self.written += 1
         log.debug("checkpoint rows %d-%d written", *span)
 
@@ -164,7 +233,7 @@ def assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: l
 
     Always a fresh file written in the same order, so its bytes do not depend on how the checkpoints came about.
     """
-    with atomic_path(out) as tmp:
+    with atomic_path(out, features_bytes(len(rows), channels, dtype)) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             for key in sorted(attrs):
                 f.attrs[key] = attrs[key]
@@ -174,8 +243,9 @@ def assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: l
                 if not path.is_file():
                     raise CheckpointError(f"checkpoint {path} is missing. Under multi-node torchrun, --out must be on "
                                        "a file system all nodes share; otherwise delete the folder and rerun")
-                with h5py.File(path, "r") as c:
-                    if not np.array_equal(c["ids"][...], np.arange(*span)):
-                        raise CheckpointError(f"checkpoint {path} holds other rows than its name says; delete "
-                                           f"{partial} and rerun")
-                    write_rows(f, ranges, span[0], c["avg"][...], c["max"][...])
+                try:
+                    avg, mx = read_checkpoint(path, span)
+                except CheckpointError as exc:  # damaged after the resume check: the next run recomputes it
+                    path.unlink(missing_ok=True)
+                    raise CheckpointError(f"{exc}; it was deleted: rerun to recompute it") from None
+                write_rows(f, ranges, span[0], avg, mx)

@@ -9,7 +9,6 @@ the train images' sizes are recorded in classes.json (`image_sizes`), for `backb
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -21,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.core.images import BadImageError, load_rgb, set_max_image_pixels
-from pipeline.infra.artifacts import sha256_file, write_csv, write_json
-from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
+from pipeline.core.images import BadImageError, load_rgb, set_max_aspect_ratio, set_max_image_pixels
+from pipeline.infra.artifacts import read_csv_rows, sha256_file, write_csv, write_json
+from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import progress_disabled
 
@@ -95,13 +94,53 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+# Never scanned, whatever data.follow_links says: the whole file system, or kernel and device trees whose "files"
+# are endless or block (a walk of / ended in a PermissionError traceback; /proc never ends).
+SYSTEM_FOLDERS = ("/", "/proc", "/sys", "/dev", "/run")
+FOLLOW_LINKS = "data.follow_links"
+
+
+def _system_folder(real: str) -> str | None:
+    """The system folder `real` (a resolved path) is, or lies under; None for an ordinary folder."""
+    if real == "/":
+        return "/"
+    return next((s for s in SYSTEM_FOLDERS[1:] if real == s or real.startswith(s + os.sep)), None)
+
+
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def link_refusal(path: Path | str, root_real: str, policy: str) -> str | None:
+    """Why the symlinked folder `path` must not be followed under `policy`, or None when it may be.
+
+    Why a policy at all: a link inside a class folder to a system folder put foreign images into a class with
+    exit 0, and DVC does not hash files behind a symlinked folder (files added there never rerun prepare). `inside`
+    (the default) follows links only to folders DVC already sees under data.source.
+    """
+    if not os.path.islink(path):
+        return None
+    real = os.path.realpath(path)
+    system = _system_folder(real)
+    if system is not None:
+        return f"symlinked folder to the system folder {real}; never scanned"
+    if policy == "none":
+        return f"symlinked folder; not followed ({FOLLOW_LINKS}: none)"
+    if policy == "inside" and not _inside(real, root_real):
+        return (f"symlinked folder leads outside data.source (to {real}); not followed: copy the images in, or set "
+                f"{FOLLOW_LINKS}: all (DVC does not see changes behind such a link)")
+    return None
+
+
 def _walk_class(class_dir: Path, root: Path, cls: str, split: str | None,
-                skipped: list[tuple[str, str]]) -> list[Candidate]:
+                skipped: list[tuple[str, str]], follow_links: str = "inside") -> list[Candidate]:
     """Files with an image extension anywhere under `class_dir` (nested folders and symlinked folders included).
 
     Hidden files and folders, broken symlinks, other extensions and undecodable names are added to `skipped`.
-    Symlinked folders are followed once: a link back up the tree is listed, not looped over.
+    Symlinked folders are followed once, and only as `follow_links` allows (:func:`link_refusal`): a link back up
+    the tree, outside the root or to a system folder is listed, not followed.
     """
+    root_real = os.path.realpath(root)
     found: list[Candidate] = []
     visited: set[str] = set()
     top = os.path.realpath(class_dir)
@@ -116,8 +155,11 @@ def _walk_class(class_dir: Path, root: Path, cls: str, split: str | None,
         keep = []
         for d in sorted(dirnames):
             target = os.path.realpath(os.path.join(dirpath, d))
+            refusal = link_refusal(os.path.join(dirpath, d), root_real, follow_links)
             if d.startswith("."):
                 skipped.append((f"{rel_dir}/{d}/", f"{HIDDEN} folder; not scanned"))
+            elif refusal:
+                skipped.append((f"{rel_dir}/{d}/", refusal))
             elif top == target or top.startswith(target + os.sep):  # would rescan the class (or other classes)
                 skipped.append((f"{rel_dir}/{d}/", "symlinked folder loops back to a folder above it; not scanned"))
             else:
@@ -150,14 +192,18 @@ def _file_reason(path: Path, name: str) -> str | None:
     return None
 
 
-def _class_dirs(folder: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
-    """Class folders of `folder`; hidden folders and loose files there are listed in `skipped`."""
+def _class_dirs(folder: Path, root: Path, skipped: list[tuple[str, str]], follow_links: str = "inside") -> list[Path]:
+    """Class folders of `folder`; hidden folders, loose files and refused symlinked folders are listed in `skipped`."""
     dirs = []
+    root_real = os.path.realpath(root)
     for p in sorted(folder.iterdir()):
         rel = Path(os.path.relpath(p, root)).as_posix()
         if p.is_dir():
+            refusal = link_refusal(p, root_real, follow_links)
             if p.name.startswith("."):
                 skipped.append((rel + "/", f"{HIDDEN} folder; not scanned"))
+            elif refusal:
+                skipped.append((rel + "/", refusal))
             else:
                 dirs.append(p)
         elif p.name.startswith("."):
@@ -192,13 +238,22 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def _find_candidates(root: Path) -> tuple[dict[str, Path], list[str], list[Candidate], list[tuple[str, str]]]:
-    """Walks the ImageFolder tree; returns split folders, class folder names, candidates and skipped files."""
+def _find_candidates(root: Path, follow_links: str = "inside"
+                     ) -> tuple[dict[str, Path], list[str], list[Candidate], list[tuple[str, str]]]:
+    """Walks the ImageFolder tree; returns split folders, class folder names, candidates and skipped files.
+
+    Raises:
+        DataSourceError: the root is missing, a file, a system folder (/, /proc, ...) or holds no class folders.
+    """
     if not root.exists():
         raise DataSourceError(f"data.source '{root}' does not exist; point it at an ImageFolder root "
                               "(one subfolder per class, or train/ val/ [test/] folders of class subfolders)")
     if not root.is_dir():
         raise DataSourceError(f"data.source '{root}' is a file; it must be a folder of class subfolders")
+    system = _system_folder(os.path.realpath(root))
+    if system is not None:
+        raise DataSourceError(f"data.source '{root}' is the system folder {os.path.realpath(root)}; it is never "
+                              "scanned: point data.source at the folder that holds your class folders")
     split_dirs = _split_folders(root)
     split_names = {folder.name for folder in split_dirs.values()}
     skipped: list[tuple[str, str]] = []
@@ -212,13 +267,13 @@ def _find_candidates(root: Path) -> tuple[dict[str, Path], list[str], list[Candi
                        else f"{kind} beside the train/val/test folders; not scanned")
                 skipped.append((Path(os.path.relpath(p, root)).as_posix() + ("/" if p.is_dir() else ""), why))
         for split, folder in split_dirs.items():
-            for cdir in _class_dirs(folder, root, skipped):
+            for cdir in _class_dirs(folder, root, skipped, follow_links):
                 class_names.add(cdir.name)
-                candidates += _walk_class(cdir, root, cdir.name, split, skipped)
+                candidates += _walk_class(cdir, root, cdir.name, split, skipped, follow_links)
     else:
-        for cdir in _class_dirs(root, root, skipped):
+        for cdir in _class_dirs(root, root, skipped, follow_links):
             class_names.add(cdir.name)
-            candidates += _walk_class(cdir, root, cdir.name, None, skipped)
+            candidates += _walk_class(cdir, root, cdir.name, None, skipped, follow_links)
     if not class_names:
         loose = sum(1 for path, _ in skipped if Path(path).suffix.lower() in IMAGE_EXTENSIONS)
         detail = (f"its {loose} image files lie directly in it" if loose else "it holds no folders")
@@ -240,7 +295,7 @@ def _stratified(files: list[str], cfg: DataConfig) -> dict[str, str]:
     return {f: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, f in enumerate(order)}
 
 
-def check_image(path: Path, max_pixels: int) -> Checked:
+def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> Checked:
     """The sha256 and size (as loaded: EXIF rotation applied) of a usable image, or why a file cannot be used.
 
     Decodes every pixel with the loader extraction uses: a header check alone passes truncated files.
@@ -252,17 +307,18 @@ def check_image(path: Path, max_pixels: int) -> Checked:
     except OSError as exc:
         return Checked(reason=f"cannot read: {exc.strerror or exc}")
     try:
-        size = load_rgb(path, max_pixels).size
+        size = load_rgb(path, max_pixels, max_aspect).size
     except BadImageError as exc:
         return Checked(reason=exc.reason)
     return Checked(sha256=digest, size=size)
 
 
-def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int) -> list[Checked]:
+def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int,
+                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> list[Checked]:
     """check_image over every candidate, in threads (PIL and hashlib release the GIL while they work)."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda c: check_image(root / c.path, max_pixels), candidates)
+        results = pool.map(lambda c: check_image(root / c.path, max_pixels, max_aspect), candidates)
         return list(tqdm(results, total=len(candidates), desc="prepare: decoding", unit="file",
                          disable=progress_disabled()))
 
@@ -353,10 +409,10 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
         DataSourceError: the source is missing, not a folder, has no class subfolders, fewer than 2 usable classes,
             a class with no train images, or (with `data.on_bad_file: error`) any unusable file.
     """
-    split_dirs, class_names, candidates, skipped = _find_candidates(root)
+    split_dirs, class_names, candidates, skipped = _find_candidates(root, cfg.follow_links)
     entries = []
     sizes: dict[str, tuple[int, int]] = {}
-    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels)):
+    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels, cfg.max_aspect_ratio)):
         if checked.reason:
             skipped.append((c.path, checked.reason))
         else:
@@ -394,7 +450,8 @@ def scan(root: Path, cfg: DataConfig) -> ScanResult:
     return ScanResult(classes, entries, skipped, warnings, dup_counts, train_sizes)
 
 
-def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
     """Writes index.csv, skipped.csv, duplicates.csv and classes.json; each file appears atomically.
 
     classes.json is written last: a folder that has it has all the others.
@@ -413,6 +470,7 @@ def write_index(out: Path, source: str, result: ScanResult, max_pixels: int = DE
     write_json(out / "classes.json", {"classes": classes, "source": source, "counts": counts,
                                       "skipped": len(result.skipped), "duplicates": result.duplicates,
                                       "warnings": result.warnings, "max_image_pixels": max_pixels,
+                                      "max_aspect_ratio": max_aspect,
                                       IMAGE_SIZES_KEY: result.image_sizes})
 
 
@@ -426,10 +484,10 @@ def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:
     if not (index_dir / "classes.json").is_file() or not (index_dir / "index.csv").is_file():
         raise DataSourceError(f"no dataset index in '{index_dir}' (index.csv and classes.json); run "
                               "`dvc repro prepare` (or `python -m pipeline.prepare`) first")
-    with open(index_dir / "index.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(index_dir / "index.csv")  # undoes the formula escaping of class names and paths
     meta = json.loads((index_dir / "classes.json").read_text(encoding="utf-8"))
     set_max_image_pixels(meta.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    set_max_aspect_ratio(meta.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO))
     return rows, meta
 
 

@@ -21,6 +21,7 @@ timestamps, fixed row order and attribute order).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -39,8 +40,10 @@ from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
+    check_space_for_extraction,
     checkpoint_spans,
     completed_spans,
+    discard_damaged,
     partial_dir,
     prepare_partial,
 )
@@ -50,6 +53,7 @@ from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
 from pipeline.infra.errors import PipelineError
+from pipeline.infra.locks import exclusive_output
 from pipeline.infra.runtime import dist_info, progress_disabled, resolve_device, retained_heap, set_deterministic
 
 log = logging.getLogger("pipeline.extract")
@@ -167,8 +171,18 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
 
     Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
     auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used.
+
+    Raises:
+        OutputLockedError: another run is writing `out` (rank 0 holds the output's lock for the whole run, so a
+            second run stops before touching the checkpoints the first one is writing and assembling).
     """
-    index_dir, out = Path(index_dir), Path(out)
+    lock = exclusive_output(out) if dist_info().is_main else contextlib.nullcontext()
+    with lock:
+        return _extract(Path(index_dir), Path(out), backbone, cfg)
+
+
+def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
+    """:func:`extract_features` under the output's lock."""
     rows, meta = read_index(index_dir)
     _check_index(rows, index_dir)
     info = dist_info()
@@ -196,6 +210,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
         t0 = time.perf_counter()
         if info.is_main:
             prepare_partial(partial, fingerprint)
+            discard_damaged(partial, spans)  # a damaged checkpoint is recomputed, never merged
             for stale in out.parent.glob(f".{out.name}.*.tmp"):  # from a run killed while writing the file
                 stale.unlink(missing_ok=True)
         barrier()
@@ -204,6 +219,8 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
         mine = share(todo, info.rank, info.world_size)
         barrier()  # every rank has listed the checkpoints before any rank writes a new one
         resumed = sum(stop - start for start, stop in done)
+        if info.is_main:  # before any image is read: a disk that fills later may crash h5py without a message
+            check_space_for_extraction(out, len(rows) - resumed, len(rows), net.num_features, cfg.dtype)
         if done and info.is_main:
             log.info("extract: resuming from %s: %d of %d rows already extracted, %d to go", partial, resumed,
                      len(rows), len(rows) - resumed)

@@ -41,6 +41,10 @@ class FeaturesFileError(PipelineError, OSError):
     """The features file is missing, unreadable or locked; the message says what to do."""
 
 
+class NonFiniteFeaturesError(PipelineError, ValueError):
+    """The features file holds NaN or inf values: damaged on disk, or a backbone that overflowed."""
+
+
 class StaleFeaturesError(PipelineError, ValueError):
     """The features file was made with other settings than the current params (or another index)."""
 
@@ -109,12 +113,29 @@ def _decode(value):
 
 
 def read_split(path: Path | str, split: str) -> SplitFeatures | None:
-    """Loads one split into memory, or None when the file has no such split."""
+    """Loads one split into memory, or None when the file has no such split.
+
+    Raises:
+        NonFiniteFeaturesError: a feature is NaN or inf. Checked on every read because a few damaged bytes
+            otherwise train a head on garbage (or keep its initial weights) and still exit 0.
+    """
     with open_features(path) as f:
         if split not in f:
             return None
         g = f[split]
-        return SplitFeatures(avg=g["avg"][...], max=g["max"][...], labels=g["labels"][...], ids=g["ids"][...])
+        features = SplitFeatures(avg=g["avg"][...], max=g["max"][...], labels=g["labels"][...], ids=g["ids"][...])
+    for name in ("avg", "max"):
+        check_finite_rows(getattr(features, name), f"{path}: split '{split}', dataset '{name}'")
+    return features
+
+
+def check_finite_rows(values: np.ndarray, where: str) -> None:
+    """Raises NonFiniteFeaturesError naming `where` and how many rows hold NaN or inf."""
+    bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if bad.any():
+        raise NonFiniteFeaturesError(
+            f"{where} has {int(bad.sum())} of {len(values)} rows with NaN or inf values (first at row "
+            f"{int(np.flatnonzero(bad)[0])}); the file is damaged or the backbone overflowed: delete it and {RERUN}")
 
 
 def splits_in(path: Path | str) -> list[str]:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from pipeline.core.backbone import Preprocess
-from pipeline.infra.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.data")
@@ -59,6 +59,31 @@ def max_image_pixels() -> int:
     return _max_pixels
 
 
+# The aspect-ratio limit of this process, set like the pixel limit (prepare from data.max_aspect_ratio, read_index
+# from classes.json), so every stage refuses exactly what prepare skipped.
+_max_aspect: float = DEFAULT_MAX_ASPECT_RATIO
+
+
+def set_max_aspect_ratio(limit: float) -> None:
+    """Sets the long side / short side ratio above which :func:`load_rgb` refuses an image."""
+    global _max_aspect
+    _max_aspect = float(limit)
+
+
+def max_aspect_ratio() -> float:
+    """The aspect-ratio limit now in force in this process."""
+    return _max_aspect
+
+
+def aspect_problem(width: int, height: int, limit: float) -> str | None:
+    """Why an image of this size is refused for its aspect ratio, or None when it is within `limit`."""
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio <= limit:
+        return None
+    return (f"extreme aspect ratio: {width}x{height} is {ratio:,.0f}:1, over data.max_aspect_ratio = {limit:g} (the "
+            "resize would scale the short side up to a huge image); raise data.max_aspect_ratio to accept it")
+
+
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grey images as 8-bit: keeps the top 8 bits of the 16-bit range.
 
@@ -77,13 +102,15 @@ def _exif_upright(im: Image.Image, name: str) -> Image.Image:
         return im
 
 
-def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None,
+             max_aspect: float | None = None) -> Image.Image:
     """Opens an image as 8-bit RGB, fully decoded, whatever the file's mode.
 
     First frame of animations (GIF), EXIF orientation applied, transparency (RGBA, LA, palette with a transparent
     colour) composited on white, 16-bit grey scaled to 8 bits, CMYK/grey/palette converted. Images of more than
-    `max_pixels` pixels (default: this process's limit, :func:`set_max_image_pixels`) are refused from their header,
-    before any pixel is decoded.
+    `max_pixels` pixels (default: this process's limit, :func:`set_max_image_pixels`), or with a long side / short
+    side over `max_aspect` (default: :func:`set_max_aspect_ratio`), are refused from their header, before any pixel
+    is decoded.
 
     Raises:
         BadImageError: the file is not an image PIL can decode (truncated, corrupt, empty, another format) or is
@@ -91,6 +118,9 @@ def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Im
     """
     name = str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "<stream>"))
     limit = _max_pixels if max_pixels is None else int(max_pixels)
+    aspect_limit = _max_aspect if max_aspect is None else float(max_aspect)
+    if isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
+        raise BadImageError(name, "empty file (0 bytes)")  # PIL would say "not in any image format"
     # PIL's own guard (warning above MAX_IMAGE_PIXELS, error above twice that) would fire before ours with a message
     # that does not name the param; keep it in step and let the explicit check below decide.
     Image.MAX_IMAGE_PIXELS = limit
@@ -101,6 +131,8 @@ def load_rgb(source: Path | str | BinaryIO, max_pixels: int | None = None) -> Im
                 width, height = im.size
                 if width * height > limit:
                     raise BadImageError(name, _too_large(width, height, limit))
+                if (problem := aspect_problem(width, height, aspect_limit)) is not None:
+                    raise BadImageError(name, problem)
                 im.seek(0)
                 im.load()  # decode every pixel here, so a truncated or corrupt file fails as such, not as EXIF
                 im = _exif_upright(im, name)
@@ -175,6 +207,7 @@ class ImageDataset(Dataset):
         self.epoch = 0
         # Captured now (it travels to spawned DataLoader workers, which do not inherit the process-wide limit).
         self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
+        self.max_aspect = max_aspect_ratio()
 
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (workers are re-created per epoch and copy the new value)."""
@@ -185,7 +218,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         row = self.rows[i]
-        image = load_rgb(self.root / row["path"], self.max_pixels)
+        image = load_rgb(self.root / row["path"], self.max_pixels, self.max_aspect)
         if self.seed is None:
             return self.transform(image), int(row["label"]), int(row["id"])
         # fork_rng: with 0 workers this runs in the training process, whose RNG (dropout) must stay untouched

@@ -39,7 +39,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
 from pipeline.core.backbone import Preprocess
-from pipeline.core.images import load_rgb, max_image_pixels
+from pipeline.core.images import aspect_problem, load_rgb, max_aspect_ratio, max_image_pixels
 
 log = logging.getLogger("pipeline.loader")
 
@@ -95,16 +95,17 @@ def resize_crop(pre: Preprocess) -> T.Compose:
                       T.CenterCrop(pre.size)])
 
 
-def pil_pixels(path: Path | str, pre: Preprocess, max_pixels: int | None = None) -> torch.Tensor:
-    """uint8 (3, S, S) pixels of one image through the PIL path (`max_pixels`: see `load_rgb`)."""
-    return TF.pil_to_tensor(resize_crop(pre)(load_rgb(path, max_pixels)))
+def pil_pixels(path: Path | str, pre: Preprocess, max_pixels: int | None = None,
+               max_aspect: float | None = None) -> torch.Tensor:
+    """uint8 (3, S, S) pixels of one image through the PIL path (`max_pixels`, `max_aspect`: see `load_rgb`)."""
+    return TF.pil_to_tensor(resize_crop(pre)(load_rgb(path, max_pixels, max_aspect)))
 
 
-def jpeg_orientation(data: bytes, max_pixels: int | None = None) -> int | None:
+def jpeg_orientation(data: bytes, max_pixels: int | None = None, max_aspect: float | None = None) -> int | None:
     """EXIF orientation (1-8), as PIL reads it, of a JPEG that decode_jpeg can turn into RGB, or None for anything else.
 
-    Only the header is parsed (PIL opens lazily). CMYK/YCCK JPEGs, other formats and images over `max_pixels` return
-    None: they take the PIL path, which handles (or refuses) them exactly as `load_rgb` does.
+    Only the header is parsed (PIL opens lazily). CMYK/YCCK JPEGs, other formats and images over `max_pixels` or
+    `max_aspect` return None: they take the PIL path, which handles (or refuses) them exactly as `load_rgb` does.
     """
     if not data.startswith(_JPEG_MAGIC):
         return None
@@ -113,6 +114,8 @@ def jpeg_orientation(data: bytes, max_pixels: int | None = None) -> int | None:
             if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                 return None
             if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                return None
+            if max_aspect is not None and aspect_problem(*im.size, max_aspect) is not None:
                 return None
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a header PIL cannot parse: let the PIL path report or handle it
@@ -248,6 +251,7 @@ class ExtractDataset(Dataset):
         self.defer_jpeg = defer_jpeg
         # Captured here: spawned workers do not inherit the process-wide limit that read_index set.
         self.max_pixels = max_image_pixels()
+        self.max_aspect = max_aspect_ratio()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -258,7 +262,7 @@ class ExtractDataset(Dataset):
         row_id = int(self.ids[i])
         if self.jpeg_route:
             data = Path(path).read_bytes()
-            orientation = jpeg_orientation(data, self.max_pixels)
+            orientation = jpeg_orientation(data, self.max_pixels, self.max_aspect)
             stripped = strip_app1(data) if orientation is not None else None
             if stripped is not None:
                 raw = torch.frombuffer(stripped, dtype=torch.uint8)
@@ -266,7 +270,7 @@ class ExtractDataset(Dataset):
                     return row_id, _JPEG, raw, orientation, path
                 pixels = decode_jpegs([raw], [orientation], [path], self.pre, torch.device("cpu"))[0]
                 return row_id, _PIXELS, pixels, 1, path
-        return row_id, _PIXELS, pil_pixels(path, self.pre, self.max_pixels), 1, path
+        return row_id, _PIXELS, pil_pixels(path, self.pre, self.max_pixels, self.max_aspect), 1, path
 
 
 @functools.cache

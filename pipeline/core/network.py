@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
-from pipeline.core.heads import build_head
+from pipeline.core.heads import build_head, check_class_binding
 from pipeline.infra.artifacts import atomic_path, read_json, write_json
 from pipeline.infra.config import BackboneConfig, build
 from pipeline.infra.errors import PipelineError
@@ -49,7 +49,7 @@ def save_checkpoint(out: Path, net: TransferNet, backbone: BackboneConfig, spec:
                     info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
+    with atomic_path(out / "model.safetensors", sum(t.nbytes for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out / "model.json", {"backbone": {"name": backbone.name, "weights": backbone.weights,
                                                  "image_size": backbone.image_size},
@@ -72,6 +72,8 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict
     if not (ckpt_dir / "model.json").is_file() or not (ckpt_dir / "model.safetensors").is_file():
         raise CheckpointFileError(f"no fine-tuned model in '{ckpt_dir}' (model.json + model.safetensors); {rerun}")
     meta = read_json(ckpt_dir / "model.json")
+    # Classes are positional: an edited list in model.json would relabel every prediction without an error.
+    check_class_binding(meta.get("head", {}), ckpt_dir / "model.json", meta.get("classes"))
     backbone = build(BackboneConfig, meta["backbone"], "model.json:backbone")
     body, _, _ = build_backbone(backbone, load_weights=False)
     net = TransferNet(body, build_head(meta["head"]), meta["head"]["pooling"])

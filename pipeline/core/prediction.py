@@ -6,6 +6,7 @@ cannot be read gets a row with its error instead of stopping the run.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -26,10 +27,23 @@ from pipeline.infra.runtime import progress_disabled, resolve_device
 log = logging.getLogger("pipeline.predict")
 
 
+# scheme:// as typed (http, https, s3, gs, ftp, file...); also the one-slash form Path() makes of it
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
 def collect_files(paths: Iterable[Path | str]) -> list[Path]:
-    """Files named directly (whatever their extension), and image files under folders, in sorted order."""
+    """Files named directly (whatever their extension), and image files under folders, in sorted order.
+
+    Raises:
+        PipelineError: a URL (not downloaded: predict reads local files only), a path that does not exist, or no
+            image file at all.
+    """
     files: list[Path] = []
-    for p in map(Path, paths):
+    for given in paths:
+        if _URL.match(str(given)):
+            raise PipelineError(f"'{given}' is a URL; URLs are not supported: download the file and give its local "
+                                "path")
+        p = Path(given)
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
                             and f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -90,6 +104,7 @@ def predict(net: torch.nn.Module, pre: Preprocess, classes: list[str], files: li
     k = min(top_k, len(classes))
     rows: list[dict] = [{} for _ in files]
     loader = DataLoader(_Files(files, pre), batch_size=batch_size, num_workers=workers)
+    # every row is filled below; `rows` keeps the input order whatever the batch order
     for images, positions, errors in tqdm(loader, desc="predict", unit="batch", disable=progress_disabled()):
         probs = torch.softmax(net(images.to(dev).contiguous(memory_format=torch.channels_last)).float(), 1).cpu()
         top_p, top_i = probs.topk(k, dim=1)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.core.backbone import Preprocess, resolve_image_size
 from pipeline.core.dataset import read_image_sizes, read_index
+from pipeline.core.divergence import check_finite_loss
 from pipeline.core.features import read_split, verify_features
 from pipeline.core.heads import build_head, check_head_features, head_logits, load_head
 from pipeline.core.images import ImageDataset, eval_transform, train_transform
@@ -82,7 +83,15 @@ def _live(live_dir: Path | None, is_main: bool):
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
              ddp: bool = False) -> tuple[dict, list[dict], dict]:
-    """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record."""
+    """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record.
+
+    Raises:
+        TrainingDivergedError: the warm start's val loss, an epoch's train loss (summed over every rank, so all
+            ranks stop together) or its val loss is NaN/inf.
+    """
+    hint = (f"lower finetune.lr (now {cfg.lr:g}) or finetune.body_lr_ratio (now {cfg.body_lr_ratio:g}), keep "
+            f"finetune.clip_grad_norm > 0 (now {cfg.clip_grad_norm:g}), try finetune.precision: fp32 (now "
+            f"{cfg.precision}), and check the selected head and the features it was fitted on")
     set_trainable(net, cfg, cfg.freeze_epochs + 1)  # DDP must see every parameter that trains in any phase
     opt = make_optimizer(net, cfg)
     sched = make_scheduler(opt, cfg, len(train_loader))
@@ -91,6 +100,7 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         model = DistributedDataParallel(net, find_unused_parameters=cfg.freeze_epochs > 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     start = split_metrics(start_logits, val_labels)
+    check_finite_loss(start["loss"], "finetune val loss of the warm start", 0, hint)
     best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": start["accuracy"],
@@ -124,7 +134,9 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
         total, correct, seen = all_reduce_sum([total, correct, seen], device)
+        check_finite_loss(total / max(seen, 1.0), "finetune train loss", epoch, hint)
         val = split_metrics(predict_logits(net, val_loader, device, "val"), val_labels)
+        check_finite_loss(val["loss"], "finetune val loss", epoch, hint)
         record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen,
                   "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
         history.append(record)

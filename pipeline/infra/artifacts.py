@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from pipeline.infra.errors import PipelineError
 
 # Read once, at import (single-threaded): os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -51,26 +56,85 @@ def remove_stale_temporaries(path: Path | str) -> list[Path]:
     return removed
 
 
+class DiskFullError(PipelineError, OSError):
+    """No space left for an output; the message names the path, the bytes it needs and the bytes free."""
+
+
+# How "no space left" arrives: OSError errno 28 from Python, "errno = 28" inside h5py's HDF5 error stack, and the
+# Rust io::Error text from safetensors ("StorageFull", "No space left on device"), none of them an OSError errno.
+_ENOSPC_TEXT = ("No space left on device", "errno = 28", "StorageFull", "code: 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the device is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if any(text in str(exc) for text in _ENOSPC_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(folder: Path | str) -> int:
+    """Free bytes for an unprivileged writer on the file system of `folder` (its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(path: Path | str, needed: int, what: str) -> None:
+    """Raises DiskFullError before any work when the file system of `path` has less than `needed` bytes free.
+
+    Why up front: a file system that fills half way costs the run, and h5py may crash (segfault, exit 139, no
+    message) instead of raising.
+    """
+    free = free_bytes(Path(path).parent)
+    if free < needed:
+        raise DiskFullError(f"not enough free space for {what} '{path}': it needs about {needed:,} bytes, "
+                            f"{free:,} are free on its file system; free some space or write it elsewhere")
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, needed: int | None = None) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it into place only if the block finishes.
 
     A killed or failing writer therefore never leaves a truncated file where a later stage (or DVC) reads it, and
-    the next writer of the same path removes what a killed one left behind.
+    the next writer of the same path removes what a killed one left behind. A full disk (ENOSPC, however the
+    library writing reports it) becomes a DiskFullError naming `path` and the bytes needed (`needed`, when the
+    caller knows it; else what had been written), with the temporary removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise _disk_full(path, needed, 0) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it private (0600); give what a plain open() would
         os.replace(tmp_path, path)
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            raise
+        written = tmp_path.stat().st_size if tmp_path.exists() else 0
+        raise _disk_full(path, needed, written) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _disk_full(path: Path, needed: int | None, written: int) -> DiskFullError:
+    need = f"about {needed:,} bytes" if needed else f"more than the {written:,} bytes written"
+    return DiskFullError(f"no space left on the device while writing '{path}': it needs {need}, "
+                         f"{free_bytes(path.parent):,} bytes are free (the temporary file was removed); free some "
+                         "space or write it elsewhere, then rerun")
 
 
 def write_json(path: Path | str, obj: Any) -> None:
@@ -115,9 +179,43 @@ def sha256_tensors(named: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+# Cells a spreadsheet would run as a formula (OWASP "CSV injection"): text starting with = + - @, tab or CR. A class
+# or file named "=HYPERLINK(...)" is data the user does not control (downloaded data sets), so it is escaped.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Plain numbers stay as they are (a negative number is not a formula), so the CSVs remain machine-readable.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def escape_cell(value: Any) -> Any:
+    """A CSV cell made inert for spreadsheets: a leading apostrophe before a formula-like text.
+
+    Reversible (:func:`unescape_cell`): a text that already starts with an apostrophe gets one more, so reading the
+    file back through :func:`read_csv_rows` returns exactly what was written.
+    """
+    if not isinstance(value, str) or not value or _NUMBER.fullmatch(value):
+        return value
+    if value.startswith(_FORMULA_START) or value.startswith("'"):
+        return "'" + value
+    return value
+
+
+def unescape_cell(value: str) -> str:
+    """The inverse of :func:`escape_cell` for a cell read back from a CSV the pipeline wrote."""
+    return value[1:] if value.startswith("'") else value
+
+
 def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically."""
+    """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically.
+
+    Text cells that a spreadsheet would evaluate as formulas are escaped (:func:`escape_cell`).
+    """
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        w.writerow([escape_cell(h) for h in header])
+        w.writerows([escape_cell(cell) for cell in row] for row in rows)
+
+
+def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a CSV written by :func:`write_csv`, as dicts, with the formula escaping undone."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{unescape_cell(k): unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -2,11 +2,15 @@
 
 Every stage reads its own section(s) through :func:`load_section`, which rejects unknown keys, wrong types and
 out-of-range values before any work starts, naming the offending key (``heads.mlp.hiden``) and what is allowed.
+Every float must be finite (NaN and inf slip through range checks and end as silent garbage or a traceback), and
+sizes have upper bounds (the ``MAX_*`` constants below: e.g. 65,536 hidden units or batch rows, 100,000 epochs).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +25,23 @@ PARAMS_FILE = Path("params.yaml")
 # PIL's own hard limit (twice its warning threshold Image.MAX_IMAGE_PIXELS): about 13,400 x 13,400 pixels, ~537 MB
 # decoded as RGB. Far above any photo a classifier needs, far below what exhausts a worker's memory.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Long side / short side above which an image is refused from its header. The resize scales the short side up to
+# the crop's resize size, so a 1 x 100,000 PNG of 475 bytes would become a 109 x 10.9 M image (6 GB at 96 px).
+# Phone panoramas reach about 10:1; nothing a classifier is trained on is near 20:1.
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+MAX_ASPECT_RATIO_LIMIT = 10_000.0
+
+
+# Upper bounds on sizes: far above anything useful on one machine, low enough that a typo (an extra zero or three)
+# is refused before it becomes an allocation traceback or a run that never ends.
+MAX_HIDDEN = 65_536          # units in one MLP layer: 65536 x 2560 inputs is already 670 M weights
+MAX_BATCH_SIZE = 65_536      # images or feature rows per step
+MAX_EPOCHS = 100_000
+MAX_ITER = 10_000_000        # LogisticRegression solver iterations
+MAX_WORKERS = 256            # DataLoader processes
+MAX_CHECKPOINT_ROWS = 10_000_000
+MAX_SEED = 2**32 - 1         # numpy's seed range
+MAX_IMAGE_PIXELS_LIMIT = 2**31 - 1  # PIL's own hard ceiling for one image (int32 pixel count)
 
 
 def _speed(default: Any) -> Any:
@@ -49,7 +70,11 @@ class DataConfig:
     happens to files that cannot be used.
 
     `max_image_pixels` (width x height) is the decompression-bomb guard: larger images are skipped by prepare (and
-    refused when loaded later). `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
+    refused when loaded later). `max_aspect_ratio` (long side / short side, at most 10,000) bounds what the resize
+    makes of an image: checked from the header like the pixel limit, before any pixel is decoded.
+    `follow_links`: which symlinked folders prepare follows: `inside` (only those leading to a folder under `source`,
+    which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
+    scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
     """
 
@@ -58,12 +83,16 @@ class DataConfig:
     test_fraction: float = 0.2
     seed: int = 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     on_bad_file: Literal["skip", "error"] = "skip"
+    follow_links: Literal["inside", "all", "none"] = "inside"
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():
             raise ConfigError(f"{prefix}.source is empty; give the path of an ImageFolder root")
-        _check_range(f"{prefix}.max_image_pixels", self.max_image_pixels, 1)
+        _check_range(f"{prefix}.max_image_pixels", self.max_image_pixels, 1, MAX_IMAGE_PIXELS_LIMIT)
+        _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
+        _check_range(f"{prefix}.max_aspect_ratio", self.max_aspect_ratio, 1.0, MAX_ASPECT_RATIO_LIMIT)
         _check_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -114,9 +143,9 @@ class ExtractConfig:
     device: str = _speed("auto")
 
     def validate(self, prefix: str) -> None:
-        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
-        _check_range(f"{prefix}.workers", self.workers, 0)
-        _check_range(f"{prefix}.checkpoint_rows", self.checkpoint_rows, 1)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_range(f"{prefix}.workers", self.workers, 0, MAX_WORKERS)
+        _check_range(f"{prefix}.checkpoint_rows", self.checkpoint_rows, 1, MAX_CHECKPOINT_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +161,7 @@ class LogregConfig:
             raise ConfigError(f"{prefix}.C must list at least one value")
         for c in self.C:
             _check_range(f"{prefix}.C", c, 0.0, low_open=True)
-        _check_range(f"{prefix}.max_iter", self.max_iter, 1)
+        _check_range(f"{prefix}.max_iter", self.max_iter, 1, MAX_ITER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,15 +179,16 @@ class MlpConfig:
 
     def validate(self, prefix: str) -> None:
         for h in self.hidden:
-            _check_range(f"{prefix}.hidden", h, 1)
+            _check_range(f"{prefix}.hidden", h, 1, MAX_HIDDEN)
         _check_range(f"{prefix}.dropout", self.dropout, 0.0, 1.0)
         if self.dropout >= 1.0:
             raise ConfigError(f"{prefix}.dropout must be < 1 (got {self.dropout})")
         _check_range(f"{prefix}.lr", self.lr, 0.0, low_open=True)
         _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0)
-        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
-        _check_range(f"{prefix}.epochs", self.epochs, 1)
-        _check_range(f"{prefix}.patience", self.patience, 1)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_range(f"{prefix}.epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_range(f"{prefix}.patience", self.patience, 1, MAX_EPOCHS)
+        _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,18 +232,19 @@ class FinetuneConfig:
     device: str = _speed("auto")
 
     def validate(self, prefix: str) -> None:
-        _check_range(f"{prefix}.epochs", self.epochs, 0)
+        _check_range(f"{prefix}.epochs", self.epochs, 0, MAX_EPOCHS)
         _check_range(f"{prefix}.lr", self.lr, 0.0, low_open=True)
         _check_range(f"{prefix}.body_lr_ratio", self.body_lr_ratio, 0.0)
         _check_range(f"{prefix}.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
-        _check_range(f"{prefix}.freeze_epochs", self.freeze_epochs, 0)
-        _check_range(f"{prefix}.patience", self.patience, 0)
+        _check_range(f"{prefix}.freeze_epochs", self.freeze_epochs, 0, MAX_EPOCHS)
+        _check_range(f"{prefix}.patience", self.patience, 0, MAX_EPOCHS)
         _check_range(f"{prefix}.weight_decay", self.weight_decay, 0.0)
-        _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0)
-        _check_range(f"{prefix}.batch_size", self.batch_size, 1)
+        _check_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0, MAX_EPOCHS)
+        _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.clip_grad_norm", self.clip_grad_norm, 0.0)
-        _check_range(f"{prefix}.workers", self.workers, 0)
+        _check_range(f"{prefix}.workers", self.workers, 0, MAX_WORKERS)
+        _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
         _check_range(f"{prefix}.parity_atol", self.parity_atol, 0.0, low_open=True)
         _check_range(f"{prefix}.parity_max_flips", self.parity_max_flips, 0.0, 1.0)
 
@@ -266,9 +297,7 @@ def _coerce(key: str, value: Any, tp: Any, allowed: str | None = None) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        return _coerce_float(key, value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -282,6 +311,32 @@ def _coerce(key: str, value: Any, tp: Any, allowed: str | None = None) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+# What YAML 1.1 (PyYAML, which reads params.yaml) takes for a string but a person means as a number: an exponent
+# without a decimal point (1e-3) or without a sign (1.0e3).
+_NUMBER_LIKE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce_float(key: str, value: Any) -> float:
+    """A finite float from an int or float; NaN, inf and number-like strings are refused with what to write.
+
+    Why refuse rather than parse ``'1e-3'``: PyYAML (YAML 1.1) reads it as a string while DVC's YAML 1.2 reader reads
+    it as a number, so the same file would mean different things to the stage and to `dvc params diff`.
+    ``1.0e-3`` is a number to both. NaN and inf pass every ``<``/``>`` range check (NaN compares false to
+    everything), so they are refused here, once for every float key.
+    """
+    if isinstance(value, str) and _NUMBER_LIKE.match(value.strip()):
+        mantissa, _, exponent = value.strip().lower().partition("e")
+        mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+        sign = exponent if exponent[:1] in "+-" else f"+{exponent}"
+        raise ConfigError(f"{key} = {value!r} is read as a string by YAML 1.1; write it as {mantissa}e{sign} "
+                          "(YAML wants a decimal point and a signed exponent)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r} is not a finite number; write a finite value (NaN and inf are not allowed)")
+    return float(value)
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:

@@ -40,7 +40,8 @@ def stage_parser(prog: str, doc: str | None, sections: tuple[str, ...] = (), par
 
 
 def run_main(main: Callable[[], None], stage: str) -> None:
-    """Runs a stage's `main`: one log line at start and end, a run-log record, PipelineError as one line + exit 2.
+    """Runs a stage's `main`: one log line at start and end, a run-log record, PipelineError as one line + exit 2,
+    Ctrl-C (KeyboardInterrupt) as one line + exit 130.
 
     Also applies the pinned torch thread count, and says at start when the CPU numerics are not pinned.
     """
@@ -62,6 +63,13 @@ def run_main(main: Callable[[], None], stage: str) -> None:
         log.debug("failed", exc_info=True)
         print(f"{stage}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C is a choice, not a crash: one line instead of a traceback through torch/h5py, and the shell's
+        # conventional 130 (128 + SIGINT). Outputs are written atomically, so nothing half-written is left.
+        status = "interrupted"
+        log.debug("interrupted", exc_info=True)
+        print(f"{stage}: interrupted (Ctrl-C); nothing half-written was left: rerun to continue", file=sys.stderr)
+        sys.exit(130)
     except SystemExit as exc:
         status = "ok" if exc.code in (0, None) else "error"
         raise
@@ -69,5 +77,6 @@ def run_main(main: Callable[[], None], stage: str) -> None:
         seconds = time.perf_counter() - t0
         if not {"-h", "--help"} & set(sys.argv[1:]):  # printing help is not a run
             runlog.write_record(stage, started, seconds, status)
-            log.info("%s: %s in %.1f s (run log: %s/%s.json)", stage, "done" if status == "ok" else "failed",
+            log.info("%s: %s in %.1f s (run log: %s/%s.json)", stage,
+                     {"ok": "done", "interrupted": "interrupted"}.get(status, "failed"),
                      seconds, runlog.run_dir(), stage)

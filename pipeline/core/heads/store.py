@@ -5,6 +5,7 @@ features it was fitted on), so later stages load every head the same way, withou
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,36 @@ FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "prec
                     "index_sha256")
 
 
+BINDING_KEY = "classes_binding"  # head.json: SHA-256 of the class list + the features fingerprint it was fitted on
+
+
+def class_binding(classes: list[str], features: dict) -> str:
+    """SHA-256 tying a head's class list (order included) to the features fingerprint it was fitted on.
+
+    Why: classes are positional (output i is classes[i]); an edited or reordered list in head.json or model.json
+    would make predict relabel every image with no error. Not a signature against a forger, a check against edits.
+    """
+    payload = canonical_json({"classes": list(classes), "features": features})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_class_binding(spec: dict, where: Path | str, classes: list[str] | None = None) -> None:
+    """Raises HeadFileError when `spec`'s classes (or `classes`, a copy stored beside it) differ from those fitted.
+
+    Args:
+        spec: a head spec (head.json, or model.json's `head`).
+        where: the file, for the message.
+        classes: another copy of the class list that must agree (model.json's top-level `classes`).
+    """
+    rerun = "the class list was edited after fitting; restore the file or rerun `dvc repro`"
+    if not isinstance(spec.get("classes"), list) or spec.get(BINDING_KEY) != class_binding(spec["classes"],
+                                                                                           spec.get("features")):
+        raise HeadFileError(f"'{where}': its classes {spec.get('classes')!r} or its features fingerprint do not "
+                            f"match the checksum recorded when the head was fitted ({BINDING_KEY}); {rerun}")
+    if classes is not None and list(classes) != spec["classes"]:
+        raise HeadFileError(f"'{where}': classes {list(classes)!r} differ from the head's {spec['classes']!r}; {rerun}")
+
+
 def build_head(spec: dict) -> nn.Module:
     """An untrained head module of the architecture `spec` describes."""
     return head_type(spec["head"]).build(spec)
@@ -35,7 +66,7 @@ def build_head(spec: dict) -> nn.Module:
 def save_head(out: Path, module: nn.Module, spec: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(out / "head.safetensors") as tmp:
+    with atomic_path(out / "head.safetensors", sum(t.nbytes for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out / "head.json", spec)
 
@@ -57,6 +88,13 @@ def load_head(head_dir: Path | str) -> tuple[nn.Module, dict]:
         raise HeadFileError(f"no fitted head in '{head_dir}' (head.json + head.safetensors); {rerun}")
     try:
         spec = read_json(head_dir / "head.json")
+    except Exception as exc:  # not JSON: reported below with the other unreadable cases
+        spec = exc
+    if isinstance(spec, dict):
+        check_class_binding(spec, head_dir / "head.json")
+    try:
+        if isinstance(spec, Exception):
+            raise spec
         module = build_head(spec)
         state = load_file(str(head_dir / "head.safetensors"))
         module.load_state_dict(state)
@@ -68,6 +106,10 @@ def load_head(head_dir: Path | str) -> tuple[nn.Module, dict]:
 
 def check_head_features(head_dir: Path | str, spec: dict, attrs: dict, features: Path | str) -> None:
     """Raises StaleFeaturesError when the head was fitted on other features than the file `features` holds."""
+    if canonical_json(spec.get("classes")) != canonical_json(attrs.get("classes")):
+        raise StaleFeaturesError(
+            f"head '{head_dir}' lists classes {spec.get('classes')!r}, but {features} (from classes.json) has "
+            f"{attrs.get('classes')!r}; run `dvc repro` to refit the head on the current features")
     for key in FINGERPRINT_KEYS:
         fitted_on, now = spec.get("features", {}).get(key), attrs.get(key)
         if canonical_json(fitted_on) != canonical_json(now):
@@ -99,6 +141,7 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
     spec = {"head": name, "pooling": pooling, "in_features": int(x_train.shape[1]), "num_classes": len(classes),
             "classes": classes, "config": to_dict(cfg), "fit": info,
             "features": {k: attrs.get(k) for k in FINGERPRINT_KEYS}}
+    spec[BINDING_KEY] = class_binding(classes, spec["features"])
     spec.update(kind.architecture(cfg))
     metrics = {"train": split_metrics(head_logits(module, spec, train), train.labels),
                "val": split_metrics(head_logits(module, spec, val), val.labels)}
