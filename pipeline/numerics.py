@@ -46,8 +46,9 @@ X86_64 = ("x86_64", "amd64", "x64")
 PINNED_LIBRARIES = ("numpy", "scipy", "sklearn", "torch")
 
 # MKL's CNR branch codes (mkl_cbwr_get), from the oneMKL reference, "Named Constants for CNR Control".
-MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
-                9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 5: "SSE3", 6: "SSSE3", 7: "SSE4_1",
+                8: "SSE4_2", 9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1",
+                14: "AVX512_E1"}
 _MKL_STRICT = 0x10000
 
 STATUS: dict[str, Any] = {}  # what :func:`pin` did in this process; filled when `pipeline` is imported
