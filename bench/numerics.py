@@ -4,9 +4,10 @@ Runs the pipeline's own stages as subprocesses, side by side in one run: extract
 and a short fine-tune, once pinned (`portable`, the default) and once `native`, each mode on its own copy of the
 chain, the two modes taking turns stage by stage so that a change in the machine's load hits both alike. The data
 is scikit-learn's digits (the default data set; the first `--per-class` of each digit, 400 images by default) at the
-default params (96 px), with `finetune.epochs` set to `--epochs`. For every stage it prints the wall time of the process (start-up and imports
-included), the stage's own time from its run-log record (`runs/<stage>.json`), the ratio pinned / native, and whether
-the two modes' outputs are byte-identical (they differ where this CPU's native kernels are not the pinned ones).
+default params (96 px), with `finetune.epochs` set to `--epochs`. For every stage it prints, pinned / native: the
+process's wall time (start-up and imports included), the stage's own time from its run-log record
+(`runs/<stage>.json`), and the CPU time; and whether the two modes' outputs are byte-identical (they differ where
+this CPU's native kernels are not the pinned ones).
 
 This is a benchmark script, not a test:
 
