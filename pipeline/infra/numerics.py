@@ -23,6 +23,9 @@ What portable mode pins (the values override the environment's, so a stray `OPEN
 environment variable, not a param, because it must act before the libraries load, before params.yaml is read.
 Where a pin cannot be honoured (not x86-64, a CPU without AVX2/FMA, or numpy/torch already imported when the pin ran)
 the status says why; stages log it in one line at start, and the run log (`runs/<stage>.json`) records it.
+The pins are written to `os.environ`, so child processes inherit them (DataLoader workers, torchrun ranks, a
+`dvc repro` started from a pinned Python). A child meant to run native needs `PIPELINE_NUMERICS=native` *and* the
+pinned variables removed from its environment, as tests/test_numerics.py and bench/numerics.py do.
 """
 from __future__ import annotations
 
@@ -46,8 +49,9 @@ X86_64 = ("x86_64", "amd64", "x64")
 PINNED_LIBRARIES = ("numpy", "scipy", "sklearn", "torch")
 
 # MKL's CNR branch codes (mkl_cbwr_get), from the oneMKL reference, "Named Constants for CNR Control".
-MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
-                9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 5: "SSE3", 6: "SSSE3", 7: "SSE4_1",
+                8: "SSE4_2", 9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1",
+                14: "AVX512_E1"}
 _MKL_STRICT = 0x10000
 
 STATUS: dict[str, Any] = {}  # what :func:`pin` did in this process; filled when `pipeline` is imported
