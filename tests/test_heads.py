@@ -1,9 +1,14 @@
 """Heads fitted on cached features: metrics, the MLP on concat pooling, and the safetensors round trip."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from pipeline.core.features import read_split
 from pipeline.core.heads import fit_head, head_logits, load_head, save_head
@@ -69,13 +74,8 @@ def test_mlp_head_has_fastais_dropout_layout():
     assert rates(MlpHead(8, 3, [], dropout=0.5)) == [0.5]
 
 
-def _stage(args: list[str], cwd) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
+def _stage(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """A stage run as its own process (exit code and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(cwd / "runs")})
 
