@@ -66,14 +66,13 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict
     Raises:
         CheckpointFileError: model.json or model.safetensors is missing or cannot be read as what the finetune stage
             writes (a pickle or any other file in its place is refused, never unpickled).
+        HeadFileError: the classes in model.json were edited after fitting (checksum).
     """
     ckpt_dir = Path(ckpt_dir)
     rerun = "rerun `dvc repro` (or `python -m pipeline.finetune`)"
     if not (ckpt_dir / "model.json").is_file() or not (ckpt_dir / "model.safetensors").is_file():
         raise CheckpointFileError(f"no fine-tuned model in '{ckpt_dir}' (model.json + model.safetensors); {rerun}")
     meta = read_json(ckpt_dir / "model.json")
-    # Classes are positional: an edited list in model.json would relabel every prediction without an error.
-    check_class_binding(meta.get("head", {}), ckpt_dir / "model.json", meta.get("classes"))
     backbone = build(BackboneConfig, meta["backbone"], "model.json:backbone")
     body, _, _ = build_backbone(backbone, load_weights=False)
     net = TransferNet(body, build_head(meta["head"]), meta["head"]["pooling"])
@@ -82,6 +81,8 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict
     except Exception as exc:  # safetensors and load_state_dict raise their own types for a file that is not ours
         raise CheckpointFileError(f"'{ckpt_dir}' does not hold a model the finetune stage wrote "
                                   f"({type(exc).__name__}: {str(exc)[:200]}); {rerun}") from None
+    # Classes are positional: an edited list in model.json would relabel every prediction without an error.
+    check_class_binding(meta["head"], ckpt_dir / "model.json", meta.get("classes"))
     pre = Preprocess.from_dict(meta["preprocess"])
     return net.eval(), pre, meta
 

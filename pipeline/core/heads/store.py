@@ -28,6 +28,10 @@ FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "prec
                     "index_sha256")
 
 
+class HeadFileError(PipelineError, ValueError):
+    """A saved head that is missing or cannot be read back (safetensors only: no pickle is ever loaded)."""
+
+
 BINDING_KEY = "classes_binding"  # head.json: SHA-256 of the class list + the features fingerprint it was fitted on
 
 
@@ -71,10 +75,6 @@ def save_head(out: Path, module: nn.Module, spec: dict) -> None:
     write_json(out / "head.json", spec)
 
 
-class HeadFileError(PipelineError, ValueError):
-    """A saved head that is missing or cannot be read back (safetensors only: no pickle is ever loaded)."""
-
-
 def load_head(head_dir: Path | str) -> tuple[nn.Module, dict]:
     """Loads a saved head (eval mode) and its spec.
 
@@ -88,19 +88,14 @@ def load_head(head_dir: Path | str) -> tuple[nn.Module, dict]:
         raise HeadFileError(f"no fitted head in '{head_dir}' (head.json + head.safetensors); {rerun}")
     try:
         spec = read_json(head_dir / "head.json")
-    except Exception as exc:  # not JSON: reported below with the other unreadable cases
-        spec = exc
-    if isinstance(spec, dict):
-        check_class_binding(spec, head_dir / "head.json")
-    try:
-        if isinstance(spec, Exception):
-            raise spec
         module = build_head(spec)
         state = load_file(str(head_dir / "head.safetensors"))
         module.load_state_dict(state)
     except Exception as exc:  # safetensors, JSON and load_state_dict each raise their own types for a bad file
         raise HeadFileError(f"'{head_dir}' does not hold a head the heads stage wrote ({type(exc).__name__}: "
                             f"{str(exc)[:200]}); {rerun}") from None
+    # Classes are positional: an edited list would relabel every prediction without an error.
+    check_class_binding(spec, head_dir / "head.json")
     return module.eval(), spec
 
 
