@@ -8,12 +8,15 @@ folder, or the repository after `dvc repro`: pass `--index data/prepared --head 
 """
 from __future__ import annotations
 
-import pipeline  # noqa: F401  (first: portable numerics)
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+import pipeline  # noqa: E402, F401  (before numpy and torch: portable numerics)
 
 # isort: split
 import argparse
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
