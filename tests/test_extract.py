@@ -5,13 +5,18 @@ Real model (bundled EfficientNet-Lite0), real images (scikit-learn digits as PNG
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -23,7 +28,7 @@ from PIL import Image
 
 from pipeline.core import extraction as ex
 from pipeline.core import loader as loader_module
-from pipeline.core.backbone import build_backbone, pool_avg_max
+from pipeline.core.backbone import ImageSizeError, build_backbone, pool_avg_max
 from pipeline.core.dataset import read_index
 from pipeline.core.images import eval_transform, load_rgb
 from pipeline.core.loader import (
@@ -522,3 +527,129 @@ def test_torchcodec_decode_extracts_hymenoptera(hymenoptera: Path, tmp_path: Pat
     assert cos.min() > 0.9, cos
 
 
+# --- backbone.image_size: auto -------------------------------------------------------------------------------------
+
+def _size_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: image size")]
+
+
+def test_auto_image_size_on_digits_is_96_byte_identical_to_image_size_96(tmp_path: Path, caplog):
+    """The default pipeline's features do not change with `auto`: 8x8 digits resolve to exactly 96 px. An explicit
+    size still wins. The log says which size and why."""
+    _, index = prepare_folder(tmp_path, write_digit_folder(tmp_path / "digits", classes=3, per_class=4))
+    auto, fixed, other = tmp_path / "auto.h5", tmp_path / "96.h5", tmp_path / "64.h5"
+    summary = ex.extract_features(index, auto, BackboneConfig(image_size="auto"), ExtractConfig(workers=0))
+    ex.extract_features(index, fixed, BackboneConfig(image_size=96), ExtractConfig(workers=0))
+    ex.extract_features(index, other, BackboneConfig(image_size=64), ExtractConfig(workers=0))
+    assert sha256(auto) == sha256(fixed)
+    assert summary["backbone_config"]["image_size"] == 96 and summary["preprocess"]["size"] == 96
+    with h5py.File(other, "r") as f:
+        assert json.loads(f.attrs["preprocess"])["size"] == 64
+    assert _size_log(caplog) == [
+        "extract: image size 96 px (backbone.image_size: auto; the 6 train images' median short side (8 px) is under "
+        "half the weights' 224 px, so 2 x 8 px rounded up to a multiple of 32, at least 96)",
+        "extract: image size 96 px (backbone.image_size: 96)",
+        "extract: image size 64 px (backbone.image_size: 64)"]
+
+
+def test_auto_image_size_on_hymenoptera_is_the_weights_own(hymenoptera: Path, tmp_path: Path, caplog):
+    src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=2)
+    _, index = prepare_folder(tmp_path, src)
+    summary = ex.extract_features(index, tmp_path / "f.h5", BackboneConfig(image_size="auto"),
+                                  ExtractConfig(workers=0))
+    assert summary["preprocess"]["size"] == 224 and summary["preprocess"]["resize"] == 256
+    [line] = _size_log(caplog)
+    assert line.startswith("extract: image size 224 px (backbone.image_size: auto; the weights' own, since the 4 "
+                           "train images' median short side (") and line.endswith("px) is at least half of it)")
+
+
+def test_auto_image_size_needs_an_index_with_image_sizes(digits60, tmp_path: Path):
+    """An index prepared before sizes were recorded: a clear error, not a silent guess."""
+    index = tmp_path / "old"
+    shutil.copytree(digits60["index"], index)
+    meta = json.loads((index / "classes.json").read_text())
+    del meta["image_sizes"]
+    (index / "classes.json").write_text(json.dumps(meta))
+    with pytest.raises(ImageSizeError, match="no image sizes to decide from.*rerun prepare"):
+        ex.extract_features(index, tmp_path / "f.h5", BackboneConfig(image_size="auto"), ExtractConfig(workers=0))
+    assert not (tmp_path / "f.h5").exists()
+
+
+# --- deprecations --------------------------------------------------------------------------------------------------
+
+PACKAGE_DIR = REPO / "pipeline"
+
+
+@contextmanager
+def deprecations_from_the_package():
+    """Collects every DeprecationWarning (and PendingDeprecationWarning) raised while code of the `pipeline` package is
+    on the stack, whichever module it names: our own, or a library's about a call we make, even one that warns from
+    its own module (torchvision's image decoding did, issue 11). Other warnings go on as usual."""
+    found: list[str] = []
+    shown = warnings.showwarning
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack() if Path(f.filename).is_relative_to(PACKAGE_DIR)]
+        if issubclass(category, (DeprecationWarning, PendingDeprecationWarning)) and ours:
+            found.append(f"{category.__name__} at {filename}:{lineno}, called from {ours[-1].filename}:"
+                         f"{ours[-1].lineno}: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        yield found
+
+
+def test_the_deprecation_check_sees_a_library_deprecation_called_from_the_package(monkeypatch):
+    """The check can fail: torchvision's deprecated decoder, called from the loader, is caught (it warns from
+    torchvision's own module, which a module-based filter for `pipeline` would miss)."""
+    from torchvision.io import decode_jpeg as deprecated_decode_jpeg
+
+    monkeypatch.setattr(loader_module, "jpeg_decoder", lambda raw, device: deprecated_decode_jpeg(raw, device=device))
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(buf, "JPEG")
+    raw = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    _, pre, _ = build_backbone(BackboneConfig(image_size=16), load_weights=False)
+    with deprecations_from_the_package() as found:
+        decode_jpegs([raw], [1], ["x.jpg"], pre, torch.device("cpu"))
+    assert len(found) == 1 and "deprecated since torchvision 0.29" in found[0], found
+    assert "torchvision/io/image.py" in found[0] and "pipeline/core/loader.py" in found[0]  # its module, our call
+
+
+def test_the_package_raises_no_deprecation_warning(digits60, hymenoptera: Path, tmp_path: Path):
+    """Importing every module of the package (in a fresh interpreter) and extracting through both decode routes, the
+    JPEG route both in the workers and in the main process (the GPU's code path), raises no deprecation warning."""
+    probe = (
+        "import importlib, json, sys, traceback, warnings\n"
+        "from pathlib import Path\n"
+        f"pkg = Path({str(PACKAGE_DIR)!r})\n"
+        "found = []\n"
+        "def hook(message, category, filename, lineno, file=None, line=None):\n"
+        "    if any(Path(f.filename).is_relative_to(pkg) for f in traceback.extract_stack()):\n"
+        "        found.append(f'{category.__name__} at {filename}:{lineno}: {message}')\n"
+        "warnings.simplefilter('always')\n"
+        "warnings.showwarning = hook\n"
+        "for p in sorted(pkg.rglob('*.py')):\n"
+        "    rel = p.relative_to(pkg.parent).with_suffix('')\n"
+        "    importlib.import_module('.'.join(rel.parts[:-1] if rel.name == '__init__' else rel.parts))\n"
+        "print(json.dumps(found))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], proc.stdout
+
+    src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=1)
+    _, index = prepare_folder(tmp_path, src)
+    _, pre, _ = build_backbone(BackboneConfig(image_size=32), load_weights=False)
+    rows, meta = read_index(index)
+    paths = [r["path"] for r in rows]
+    cpu = torch.device("cpu")
+    with deprecations_from_the_package() as found:
+        ex.extract_features(digits60["index"], tmp_path / "pil.h5", BB32, ExtractConfig(decode="pil", workers=0))
+        ex.extract_features(index, tmp_path / "tc.h5", BB32, ExtractConfig(decode="torchcodec", workers=0))
+        for defer in (False, True):
+            ds = ExtractDataset(meta["source"], paths, list(range(len(paths))), pre, "torchcodec", defer_jpeg=defer)
+            DeviceInput(pre, cpu)(collate([ds[i] for i in range(len(ds))]))
+    assert found == []
