@@ -220,3 +220,34 @@ def test_finetune_that_diverges_stops_with_one_line(fitted, tmp_path):
         finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
                      tmp_path / "f.json")
     assert not (tmp_path / "m").exists() and not (tmp_path / "f.json").exists()
+
+
+def test_weight_average_is_what_is_validated_and_saved(fitted, tmp_path):
+    """With `ema_decay` > 0 the saved model is the averaged one: scoring the saved checkpoint on val gives back the
+    val numbers the stage reported (it would not if the last step's weights were saved), and the averaged run ends
+    elsewhere than the plain one."""
+    from pipeline.core.dataset import read_index
+    from pipeline.core.evaluation import score_finetuned
+    from pipeline.infra.artifacts import sha256_file
+
+    selected = _select(fitted, tmp_path, "logreg")
+    runs = {}
+    for name, decay in (("plain", 0.0), ("ema", 0.5)):
+        params = _override(fitted["params"], tmp_path / f"{name}.yaml", ema_decay=decay, select="loss", epochs=3)
+        runs[name] = finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected,
+                                  tmp_path / name, tmp_path / f"{name}.json")
+    rows, meta = read_index(fitted["index"])
+    saved = score_finetuned(tmp_path / "ema", rows, meta["source"], ["val"]).metrics["val"]
+    assert saved["accuracy"] == pytest.approx(runs["ema"]["val"]["accuracy"])
+    assert saved["loss"] == pytest.approx(runs["ema"]["val"]["loss"], rel=1e-4)
+    assert runs["ema"]["best_epoch"] > 0, "the test needs an epoch that beats the warm start"
+    assert sha256_file(tmp_path / "ema" / "model.safetensors") != sha256_file(tmp_path / "plain" / "model.safetensors")
+
+
+def test_select_by_loss_keeps_the_lowest_val_loss_epoch():
+    from pipeline.core.training import _better
+
+    best = {"val_accuracy": 0.90, "val_loss": 0.30}
+    assert _better(0.89, 0.25, best, "loss") and not _better(0.89, 0.25, best, "accuracy")
+    assert _better(0.91, 0.35, best, "accuracy") and not _better(0.91, 0.35, best, "loss")
+    assert _better(0.90, 0.29, best, "accuracy")  # accuracy ties go to the lower loss

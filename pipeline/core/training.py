@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from pipeline.core.averaging import WeightAverage
 from pipeline.core.backbone import Preprocess, resolve_image_size
 from pipeline.core.dataset import read_image_sizes, read_index
 from pipeline.core.divergence import check_finite_loss
@@ -80,6 +81,13 @@ def _live(live_dir: Path | None, is_main: bool):
     return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
+def _better(accuracy: float, loss: float, best: dict, select: str) -> bool:
+    """Whether an epoch beats the best so far: by val accuracy (ties: lower loss), or by val loss alone."""
+    if select == "loss":
+        return loss < best["val_loss"]
+    return (accuracy, -loss) > (best["val_accuracy"], -best["val_loss"])
+
+
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
              ddp: bool = False) -> tuple[dict, list[dict], dict]:
@@ -99,6 +107,9 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
     if ddp:
         model = DistributedDataParallel(net, find_unused_parameters=cfg.freeze_epochs > 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # With averaging on, what is validated, selected and saved is the average, not the last step's weights.
+    average = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    scored = average.module if average is not None else net
     start = split_metrics(start_logits, val_labels)
     check_finite_loss(start["loss"], "finetune val loss of the warm start", 0, hint)
     best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
@@ -130,12 +141,14 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
                 nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
             opt.step()
             sched.step()
+            if average is not None:
+                average.update(net)
             total += loss.item() * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
         total, correct, seen = all_reduce_sum([total, correct, seen], device)
         check_finite_loss(total / max(seen, 1.0), "finetune train loss", epoch, hint)
-        val = split_metrics(predict_logits(net, val_loader, device, "val"), val_labels)
+        val = split_metrics(predict_logits(scored, val_loader, device, "val"), val_labels)
         check_finite_loss(val["loss"], "finetune val loss", epoch, hint)
         record = {"epoch": epoch, "train_loss": total / seen, "train_accuracy": correct / seen,
                   "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
@@ -146,9 +159,9 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
             live.next_step()
         log.info("finetune: epoch %d/%d train loss %.4f acc %.4f, val loss %.4f acc %.4f", epoch, cfg.epochs,
                  record["train_loss"], record["train_accuracy"], val["loss"], val["accuracy"])
-        if (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"]):
+        if _better(val["accuracy"], val["loss"], best, cfg.select):
             best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
             log.info("finetune: early stop after epoch %d (best epoch %d)", epoch, best["epoch"])
             break

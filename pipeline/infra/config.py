@@ -205,6 +205,8 @@ class FinetuneConfig:
     a further factor `layer_decay` lower. `freeze_epochs`: a first phase training only the head (and BatchNorm under
     `bn: train`). `patience`: stop after this many epochs without a better val result (0: never).
     `warm_start: false` starts from a randomly initialised head instead (for comparisons; no parity check).
+    `ema_decay` > 0: validate and save an exponential moving average of the weights (pipeline/core/averaging.py).
+    `select`: which epoch's weights are kept: best val `accuracy` (ties: lower loss) or lowest val `loss`.
     """
 
     epochs: int = 8
@@ -222,6 +224,8 @@ class FinetuneConfig:
     hflip: bool = False
     crop_scale: float = 0.7
     clip_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    select: Literal["accuracy", "loss"] = "accuracy"
     precision: Literal["fp32", "bf16"] = "fp32"
     sync_bn: bool = False
     warm_start: bool = True
@@ -243,6 +247,7 @@ class FinetuneConfig:
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.clip_grad_norm", self.clip_grad_norm, 0.0)
+        _check_range(f"{prefix}.ema_decay", self.ema_decay, 0.0, 0.9999)
         _check_range(f"{prefix}.workers", self.workers, 0, MAX_WORKERS)
         _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
         _check_range(f"{prefix}.parity_atol", self.parity_atol, 0.0, low_open=True)
