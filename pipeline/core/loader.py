@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchcodec.decoders import decode_jpeg
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
@@ -184,6 +183,9 @@ def _tensor_resize_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 
 def _torchcodec_jpeg(raw: torch.Tensor | list[torch.Tensor], device: torch.device):
+    # Imported here: only the `torchcodec` route needs it, so `decode: pil` works where torchcodec is not installed.
+    from torchcodec.decoders import decode_jpeg
+
     return decode_jpeg(raw, mode="RGB", device=device)
 
 

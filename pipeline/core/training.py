@@ -230,6 +230,9 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
         gen = seed_everything(cfg.seed)
         choice = read_json(selected)
         net, pre, head, spec = _start_network(backbone, cfg, heads_dir, choice, attrs, features)
+        # The head's own val logits from the cached features, computed before the network (and the head inside it)
+        # moves to the device: the parity check's reference.
+        reference = head_logits(head, spec, read_split(features, "val")) if cfg.warm_start else None
         if cfg.sync_bn and rank.world_size > 1 and device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = net.to(device, memory_format=torch.channels_last)
@@ -238,8 +241,7 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
         start_logits = predict_logits(net, loaders.val, device, "parity")
         parity = None
         if cfg.warm_start:
-            parity = check_parity(start_logits, head_logits(head, spec, read_split(features, "val")),
-                                  cfg.parity_atol, cfg.parity_max_flips)
+            parity = check_parity(start_logits, reference, cfg.parity_atol, cfg.parity_max_flips)
             log.info("finetune: warm start reproduces %s on val (max |logit diff| %.2e, %.2f%% argmax flips)",
                      choice["head"], parity["max_abs_logit_diff"], 100 * parity["argmax_flip_fraction"])
         live = _live(live_dir, rank.is_main)

@@ -115,7 +115,9 @@ def check_head_features(head_dir: Path | str, spec: dict, attrs: dict, features:
 
 @torch.no_grad()
 def head_logits(module: nn.Module, spec: dict, feats: SplitFeatures) -> np.ndarray:
-    return module.eval()(torch.from_numpy(feats.inputs(spec["pooling"]))).numpy()
+    """The head's logits for cached features, on whichever device the head is."""
+    device = next(module.parameters()).device
+    return module.eval()(torch.from_numpy(feats.inputs(spec["pooling"])).to(device)).cpu().numpy()
 
 
 def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
