@@ -17,6 +17,7 @@ log (`runs/<stage>.json`) and from the committed `reference/provenance.json` (wr
     python -m pipeline.verify                       # verdicts; exit 1 if anything is `different`
     python -m pipeline.verify --strict              # exit 1 unless everything is `same`
     python -m pipeline.verify --record              # after a reference run: write reference/ (then commit it)
+    python -m pipeline.verify --cache               # after `dvc repro`: exit 1 if DVC failed to cache an output
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from pipeline.core.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
 from pipeline.infra import provenance
+from pipeline.infra.dvc_cache import cache_report
 from pipeline.infra.runner import run_main, stage_parser
 
 log = logging.getLogger("pipeline.verify")
@@ -42,7 +44,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="metrics: largest absolute difference still 'within tolerance' (default: %(default)s)")
     parser.add_argument("--strict", action="store_true", help="fail unless every artefact is byte-identical")
     parser.add_argument("--record", action="store_true", help="write the reference feature sample and exit")
+    parser.add_argument("--cache", action="store_true",
+                        help="only check that every output in dvc.lock is stored in the DVC cache; exit 1 if not")
     args = parser.parse_args(argv)
+    if args.cache:
+        stored, lines = cache_report()
+        print("\n".join(lines))
+        sys.exit(0 if stored else 1)
     if args.record:
         record(args.features, args.reference)
         log.info("verify: wrote %s/features.json, features.npz and provenance.json; commit them", args.reference)

@@ -80,3 +80,35 @@ def test_extract_checks_free_space_before_any_work(tmp_path):
                 f"checkpoints '{out}': it needs about ") in proc.stderr
         assert "are free on its file system" in proc.stderr
         assert not list(small.glob("*.h5")) and not list(small.glob("*.partial/rows-*"))
+
+
+def test_dvc_failing_to_cache_an_output_is_reported(tmp_path):
+    """A DVC cache on a full disk: `dvc repro` cannot store a directory output, prints 'failed to transfer' and still
+    exits 0. `python -m pipeline.verify --cache` (run by `make repro` after `dvc repro`) names the output and the fix
+    and exits 1; once there is room, `dvc commit --force` stores it and the check passes."""
+    import yaml
+    from conftest import dvc, run_cmd
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_cmd(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    write = ("import os; os.makedirs('outdir', exist_ok=True); "
+             "[open(f'outdir/{i}.bin', 'wb').write(os.urandom(100_000)) for i in range(6)]; "
+             "open('small.json', 'w').write('{}')")
+    stage = {"cmd": f'python -c "{write}"', "outs": ["outdir"], "metrics": [{"small.json": {"cache": False}}]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
+    verify = [sys.executable, "-m", "pipeline.verify", "--cache"]
+    with _tmpfs(tmp_path / "cache", "256k") as cache:
+        dvc(repo, "cache", "dir", str(cache))
+        proc = dvc(repo, "repro", check=False)
+        assert proc.returncode == 0, proc.stderr  # what the check exists for: DVC's exit status says all is well
+        assert "failed to transfer" in proc.stdout + proc.stderr
+        check = run_cmd(verify, repo, check=False)
+        assert check.returncode == 1, check.stdout
+        assert "dvc cache: outdir is NOT in the DVC cache (" in check.stdout
+        assert "`dvc commit --force`" in check.stdout and "small.json" not in check.stdout
+        subprocess.run(["umount", "-l", str(cache)], check=True)  # room again: a plain folder at the same path
+        dvc(repo, "commit", "--force")
+        check = run_cmd(verify, repo, check=False)
+        assert check.returncode == 0 and "every cached output of dvc.lock is stored" in check.stdout, check.stdout

@@ -139,12 +139,31 @@ def test_csv_cells_are_escaped_against_formula_injection(tmp_path):
     assert ",'=cmd," in text and ",=cmd," not in text and "1/+x.png" in text  # mid-cell '+' is harmless
     rows, meta = read_index(tmp_path / "prepared")
     assert {r["class"] for r in rows} == {"=cmd", "1"} and "=cmd" in meta["classes"]
-    assert escape_cell("\rx") == "'\rx"  # (a bare CR is not quoted by Python's csv writer: not written below)
-    cells = ["=1+1", "+A1", "-A1", "@SUM(A1)", "\tx", "'quoted", "-0.5", "+1e-3", "plain", 3, -2.5]
+    assert escape_cell("\rx") == "'\rx"
+    cells = ["=1+1", "+A1", "-A1", "@SUM(A1)", "\tx", "'quoted", "-0.5", "+1e-3", "plain", 3, -2.5, "a\rb"]
     write_csv(tmp_path / "t.csv", ["c"], [[c] for c in cells])
     with open(tmp_path / "t.csv", newline="") as f:
         written = [r[0] for r in csv.reader(f)][1:]
     assert written == ["'=1+1", "'+A1", "'-A1", "'@SUM(A1)", "'\tx", "''quoted",
-                       "-0.5", "+1e-3", "plain", "3", "-2.5"]  # numbers stay numbers
-    assert [escape_cell(c) for c in cells] == [*written[:9], 3, -2.5]
+                       "-0.5", "+1e-3", "plain", "3", "-2.5", "a\rb"]  # numbers stay numbers
+    assert [escape_cell(c) for c in cells] == [*written[:9], 3, -2.5, "a\rb"]
     assert [r["c"] for r in read_csv_rows(tmp_path / "t.csv")] == [str(c) for c in cells]
+
+
+def test_a_bare_cr_in_a_class_folder_name_survives_index_csv(tmp_path):
+    """Linux allows CR in folder names; Python's csv writer with `\\n` line endings leaves such a cell unquoted, and
+    reading index.csv back then splits the row (more rows, wrong columns). The row is now written fully quoted."""
+    from conftest import write_digit_folder, write_params
+
+    from pipeline import prepare
+
+    digits = write_digit_folder(tmp_path / "digits", classes=2, per_class=8)
+    (digits / "0").rename(digits / "zero\rx")
+    (digits / "1").rename(digits / "\r=one")
+    params = write_params(tmp_path / "params.yaml", data={"source": str(digits), "val_fraction": 0.25,
+                                                          "test_fraction": 0.25})
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "prepared")])
+    rows, meta = read_index(tmp_path / "prepared")
+    assert len(rows) == 16 and meta["classes"] == ["\r=one", "zero\rx"]
+    assert {r["class"] for r in rows} == {"zero\rx", "\r=one"}
+    assert all(r["path"].startswith(r["class"] + "/") for r in rows)

@@ -207,12 +207,17 @@ def unescape_cell(value: str) -> str:
 def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A UTF-8 CSV with `\\n` line endings (the same bytes on every platform), appearing atomically.
 
-    Text cells that a spreadsheet would evaluate as formulas are escaped (:func:`escape_cell`).
+    Text cells that a spreadsheet would evaluate as formulas are escaped (:func:`escape_cell`). A row with a bare CR
+    in a cell (a legal character in Linux file and folder names) is written fully quoted: with `\n` line endings
+    Python's writer leaves such a cell unquoted, and every reader then splits the row there.
     """
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow([escape_cell(h) for h in header])
-        w.writerows([escape_cell(cell) for cell in row] for row in rows)
+        plain = csv.writer(f, lineterminator="\n")
+        quoted = csv.writer(f, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        for row in (header, *rows):
+            cells = [escape_cell(cell) for cell in row]
+            has_cr = any(isinstance(cell, str) and "\r" in cell for cell in cells)
+            (quoted if has_cr else plain).writerow(cells)
 
 
 def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
