@@ -113,7 +113,7 @@ def test_messy_folder(tmp_path, caplog):
                 "0/empty.png": "empty file", "0/text.jpg": "not in any image", "0/notes.txt": "not an image file",
                 "0/.DS_Store": "hidden file", "0/.ipynb_checkpoints/": "hidden folder",
                 "1/huge.png": "over data.max_image_pixels = 5,000", "2/broken.png": "broken symlink",
-                "2/up/": "loops back", "2/self/": "loops back", "README.txt": "not in a class folder",
+                "2/link.png": "symlinked file leads outside data.source", "2/up/": "loops back", "2/self/": "loops back", "README.txt": "not in a class folder",
                 "2/latin1 \\udce9t\\udce9.png": "not valid utf-8",
                 ".cache/": "hidden folder"}
     assert set(skipped) == set(expected), skipped
@@ -124,14 +124,15 @@ def test_messy_folder(tmp_path, caplog):
     rows = _csv(out / "index.csv")
     paths = {r["path"] for r in rows}
     odd = {"1/anim.gif", "1/palette.png", "1/alpha.png", "1/gray16.png", "1/gray.jpg", "1/cmyk.jpg",
-           "1/rotated.jpg", "1/tiny.png", "1/sub folder/nested ñ/été photo 1.png", "2/link.png"}
-    assert odd <= paths
+           "1/rotated.jpg", "1/tiny.png", "1/sub folder/nested ñ/été photo 1.png"}
+    assert odd <= paths and "2/link.png" not in paths
     assert meta["classes"] == ["0", "1", "2", "ünï cls"]
-    assert len(rows) == 10 + 19 + 11 + 8  # digits + odd images + link + the non-ASCII class
+    assert len(rows) == 10 + 19 + 11 + 8 - 1  # digits + odd images + link + the non-ASCII class, less the file
+    # link that leads outside the root (data.follow_links: inside)
     assert any("empty_class" in w for w in meta["warnings"])
     log_text = caplog.text
     assert f"{len(expected)} files skipped" in log_text
-    assert "12 files cannot be used and were skipped" in log_text and "0/corrupt.jpg (" in log_text
+    assert "13 files cannot be used and were skipped" in log_text and "0/corrupt.jpg (" in log_text
     assert "class folders with no usable images, left out: empty_class" in log_text
 
     # every indexed file loads through the dataset extraction and fine-tuning use, from the index's own paths
@@ -139,7 +140,7 @@ def test_messy_folder(tmp_path, caplog):
     assert all(dataset[i][0].shape == (3, 32, 32) for i in range(len(rows)))
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
-    with pytest.raises(DataSourceError, match=r"12 files .* data.on_bad_file is 'error'.*0/corrupt.jpg"):
+    with pytest.raises(DataSourceError, match=r"13 files .* data.on_bad_file is 'error'.*0/corrupt.jpg"):
         _run(tmp_path / "strict", root, max_image_pixels=5000, on_bad_file="error")
 
 
@@ -344,6 +345,31 @@ def _linked_tree(tmp_path: Path) -> tuple[Path, Path]:
     os.symlink(root / "extra" / "0", root / "0" / "inside")
     os.symlink("/proc", root / "1" / "proc")
     return root, foreign
+
+
+def test_symlinked_files_follow_the_same_policy(tmp_path):
+    """A symlinked image file pointing outside data.source was read whatever the policy; now `inside` (default) and
+    `none` list it in skipped.csv, `all` reads it, and a link into a system folder (/dev/zero) is never read."""
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=6)
+    foreign = write_digit_folder(tmp_path / "foreign", classes=1, per_class=1)
+    outside = next((foreign / "0").iterdir())
+    os.symlink(outside, root / "0" / "outside.png")
+    os.symlink(next((root / "1").iterdir()), root / "0" / "inside.png")
+    os.symlink("/dev/zero", root / "1" / "zero.png")
+    runs = {}
+    for policy in ("inside", "all", "none"):
+        out, _ = _run(tmp_path / policy, root, val_fraction=0.25, test_fraction=0.25, follow_links=policy)
+        runs[policy] = ({r["path"] for r in _csv(out / "index.csv")},
+                        {r["path"]: r["reason"] for r in _csv(out / "skipped.csv")})
+    paths, skipped = runs["inside"]
+    assert "0/outside.png" not in paths and "0/inside.png" in paths
+    assert skipped["0/outside.png"].startswith(f"symlinked file leads outside data.source (to {outside}); not followed")
+    assert skipped["1/zero.png"] == "symlinked file to /dev/zero in the system folder /dev; never read"
+    paths, skipped = runs["all"]
+    assert {"0/outside.png", "0/inside.png"} <= paths and "1/zero.png" in skipped
+    paths, skipped = runs["none"]
+    assert not {"0/outside.png", "0/inside.png"} & paths
+    assert skipped["0/inside.png"] == "symlinked file; not followed (data.follow_links: none)"
 
 
 def test_symlinked_folders_follow_the_policy_and_are_listed(tmp_path):

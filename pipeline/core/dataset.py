@@ -111,23 +111,25 @@ def _inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def link_refusal(path: Path | str, root_real: str, policy: str) -> str | None:
-    """Why the symlinked folder `path` must not be followed under `policy`, or None when it may be.
+def link_refusal(path: Path | str, root_real: str, policy: str, kind: str = "folder") -> str | None:
+    """Why the symlinked folder (or file) `path` must not be followed under `policy`, or None when it may be.
 
     Why a policy at all: a link inside a class folder to a system folder put foreign images into a class with
     exit 0, and DVC does not hash files behind a symlinked folder (files added there never rerun prepare). `inside`
-    (the default) follows links only to folders DVC already sees under data.source.
+    (the default) follows links only to what lies under data.source, so prepare never reads outside it unless
+    `all` allows it; a link into a system folder (/dev/zero, /proc/...) is never followed.
     """
     if not os.path.islink(path):
         return None
     real = os.path.realpath(path)
     system = _system_folder(real)
     if system is not None:
-        return f"symlinked folder to the system folder {real}; never scanned"
+        where = f"the system folder {system}" if real == system else f"{real} in the system folder {system}"
+        return f"symlinked {kind} to {where}; never {'scanned' if kind == 'folder' else 'read'}"
     if policy == "none":
-        return f"symlinked folder; not followed ({FOLLOW_LINKS}: none)"
+        return f"symlinked {kind}; not followed ({FOLLOW_LINKS}: none)"
     if policy == "inside" and not _inside(real, root_real):
-        return (f"symlinked folder leads outside data.source (to {real}); not followed: copy the images in, or set "
+        return (f"symlinked {kind} leads outside data.source (to {real}); not followed: copy the images in, or set "
                 f"{FOLLOW_LINKS}: all (DVC does not see changes behind such a link)")
     return None
 
@@ -168,7 +170,8 @@ def _walk_class(class_dir: Path, root: Path, cls: str, split: str | None,
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}"
             path = Path(dirpath) / name
-            reason = _file_reason(path, name)
+            # a broken link is reported as such, wherever it pointed
+            reason = (path.exists() and link_refusal(path, root_real, follow_links, "file")) or _file_reason(path, name)
             if reason:
                 skipped.append((rel, reason))
             else:

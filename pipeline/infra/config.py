@@ -72,8 +72,8 @@ class DataConfig:
     `max_image_pixels` (width x height) is the decompression-bomb guard: larger images are skipped by prepare (and
     refused when loaded later). `max_aspect_ratio` (long side / short side, at most 10,000) bounds what the resize
     makes of an image: checked from the header like the pixel limit, before any pixel is decoded.
-    `follow_links`: which symlinked folders prepare follows: `inside` (only those leading to a folder under `source`,
-    which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
+    `follow_links`: which symlinked folders and files prepare follows: `inside` (only those leading to something under
+    `source`, which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
     scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
     """
