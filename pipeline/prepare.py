@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/prepared"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg: DataConfig = load_section("data", args.params)
-    result = scan(Path(cfg.source), cfg)
+    cache = None if cfg.scan_cache is None else (
+        args.out.parent / "scan_cache.json" if cfg.scan_cache == "auto" else Path(cfg.scan_cache))
+    result = scan(Path(cfg.source), cfg, cache)
     write_index(args.out, cfg.source, result, cfg.max_image_pixels, cfg.max_aspect_ratio)
     log_summary(result, args.out)
 

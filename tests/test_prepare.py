@@ -405,3 +405,37 @@ def test_system_folder_as_source_is_refused_in_one_line(tmp_path, source):
                           env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"prepare: error: data.source '{source}' is the system folder {source}; it is never scanned" in proc.stderr
+
+
+def test_scan_cache_rereads_only_new_or_modified_files(tmp_path, caplog):
+    """Grow a folder: prepare decodes only the new files (size and mtime unchanged: not opened; a renamed copy:
+    hashed but not decoded; a modified file: decoded again), and the index equals one made without the cache. A
+    cache that cannot be read is reported in one line and ignored."""
+    import re
+
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=10)
+    more = write_digit_folder(tmp_path / "more", classes=3, per_class=12)
+
+    def counts() -> tuple[int, int, int]:
+        found = re.findall(r"prepare: (\d+) files unchanged since the last scan \(size and mtime\), (\d+) with "
+                           r"content seen before, (\d+) decoded", caplog.text)
+        caplog.clear()
+        return tuple(int(x) for x in found[-1])
+
+    _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    assert counts() == (0, 0, 20)
+    for f in sorted((more / "0").iterdir())[10:]:  # two new images
+        shutil.copy2(f, root / "0" / f"new-{f.name}")
+    shutil.copy2(root / "1" / sorted(os.listdir(root / "1"))[0], root / "1" / "renamed-copy.png")
+    changed = root / "0" / sorted(os.listdir(root / "0"))[0]
+    shutil.copy2(more / "2" / sorted(os.listdir(more / "2"))[0], changed)  # other content, same name
+    out, _ = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    assert counts() == (19, 1, 3)  # 19 untouched; the renamed copy; 2 new + the modified file decoded
+    fresh, _ = _run(tmp_path / "b", root, val_fraction=0.25, test_fraction=0.25, scan_cache=None)
+    assert (out / "index.csv").read_bytes() == (fresh / "index.csv").read_bytes()
+
+    (tmp_path / "a" / "scan_cache.json").write_text("{not json")
+    _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    assert "scan cache " in caplog.text and "cannot be read (JSONDecodeError); ignored" in caplog.text
+    unchanged, known, decoded = counts()
+    assert unchanged == 0 and known + decoded == 23 and decoded >= 22  # (the copy may find its twin decoded)

@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PIL
 from tqdm import tqdm
 
 from pipeline.core.images import BadImageError, load_rgb, set_max_aspect_ratio, set_max_image_pixels
+from pipeline.core.scan_cache import ScanCache
 from pipeline.infra.artifacts import read_csv_rows, sha256_file, write_csv, write_json
 from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from pipeline.infra.errors import PipelineError
@@ -298,30 +300,43 @@ def _stratified(files: list[str], cfg: DataConfig) -> dict[str, str]:
     return {f: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, f in enumerate(order)}
 
 
-def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> Checked:
+def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASPECT_RATIO,
+                cache: ScanCache | None = None) -> Checked:
     """The sha256 and size (as loaded: EXIF rotation applied) of a usable image, or why a file cannot be used.
 
-    Decodes every pixel with the loader extraction uses: a header check alone passes truncated files.
+    Decodes every pixel with the loader extraction uses: a header check alone passes truncated files. With a
+    `cache` (pipeline/core/scan_cache.py), a file with unchanged size and mtime is not opened, and content decoded
+    before is not decoded again.
     """
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if st.st_size == 0:
             return Checked(reason="empty file (0 bytes)")
+        hit = cache.lookup(path, st) if cache is not None else None
+        if hit is not None:
+            return Checked(sha256=hit[0] if not hit[2] else None, size=hit[1], reason=hit[2])
         digest = sha256_file(path)
     except OSError as exc:
         return Checked(reason=f"cannot read: {exc.strerror or exc}")
-    try:
-        size = load_rgb(path, max_pixels, max_aspect).size
-    except BadImageError as exc:
-        return Checked(reason=exc.reason)
-    return Checked(sha256=digest, size=size)
+    known = cache.known(digest) if cache is not None else None
+    if known is not None:
+        size, reason = known
+    else:
+        try:
+            size, reason = load_rgb(path, max_pixels, max_aspect).size, None
+        except BadImageError as exc:
+            size, reason = None, exc.reason
+    if cache is not None:
+        cache.remember(path, st, digest, size, reason, decoded=known is None)
+    return Checked(reason=reason) if reason else Checked(sha256=digest, size=size)
 
 
 def _decode_all(root: Path, candidates: list[Candidate], max_pixels: int,
-                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO) -> list[Checked]:
+                max_aspect: float = DEFAULT_MAX_ASPECT_RATIO, cache: ScanCache | None = None) -> list[Checked]:
     """check_image over every candidate, in threads (PIL and hashlib release the GIL while they work)."""
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda c: check_image(root / c.path, max_pixels, max_aspect), candidates)
+        results = pool.map(lambda c: check_image(root / c.path, max_pixels, max_aspect, cache), candidates)
         return list(tqdm(results, total=len(candidates), desc="prepare: decoding", unit="file",
                          disable=progress_disabled()))
 
@@ -405,17 +420,27 @@ def _check_classes(classes: list[str], class_names: list[str], entries: list[Ent
     return warnings
 
 
-def scan(root: Path, cfg: DataConfig) -> ScanResult:
+def scan(root: Path, cfg: DataConfig, cache_file: Path | None = None) -> ScanResult:
     """Lists classes, usable images with their split and hash, skipped files with the reason, and warnings.
+
+    `cache_file`: the scan cache (pipeline/core/scan_cache.py) read before and written after; None: none.
 
     Raises:
         DataSourceError: the source is missing, not a folder, has no class subfolders, fewer than 2 usable classes,
             a class with no train images, or (with `data.on_bad_file: error`) any unusable file.
     """
     split_dirs, class_names, candidates, skipped = _find_candidates(root, cfg.follow_links)
+    cache = ScanCache.load(cache_file, {"max_image_pixels": cfg.max_image_pixels,
+                                        "max_aspect_ratio": cfg.max_aspect_ratio, "pillow": PIL.__version__})
+    checks = _decode_all(root, candidates, cfg.max_image_pixels, cfg.max_aspect_ratio, cache)
+    if cache_file is not None:
+        cache.save({str(root / c.path) for c in candidates})
+        log.info("prepare: %d files unchanged since the last scan (size and mtime), %d with content seen before, "
+                 "%d decoded (scan cache %s)", cache.counts["unchanged"], cache.counts["known_content"],
+                 cache.counts["decoded"], cache_file)
     entries = []
     sizes: dict[str, tuple[int, int]] = {}
-    for c, checked in zip(candidates, _decode_all(root, candidates, cfg.max_image_pixels, cfg.max_aspect_ratio)):
+    for c, checked in zip(candidates, checks):
         if checked.reason:
             skipped.append((c.path, checked.reason))
         else:

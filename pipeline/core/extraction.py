@@ -48,6 +48,7 @@ from pipeline.core.checkpoints import (
     prepare_partial,
 )
 from pipeline.core.dataset import IMAGE_SIZES_KEY, read_index
+from pipeline.core.feature_store import FeatureStore, ShardWriter
 from pipeline.core.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
@@ -134,18 +135,51 @@ class _InFlight:
             event.record()
         return cls(ids, avg, mx, event)
 
-    def finish(self, writer: CheckpointWriter) -> int:
-        """Waits for the copy, hands the rows to the checkpoint writer; returns the number of rows."""
+    def finish(self, writer: CheckpointWriter, rows: list[dict], shards: ShardWriter | None = None) -> int:
+        """Waits for the copy, hands the rows to the checkpoint writer (and the store); returns the number of rows."""
         if self.event is not None:
             self.event.synchronize()
-        writer.add(self.ids, self.avg.numpy(), self.max.numpy())
+        avg, mx = self.avg.numpy(), self.max.numpy()
+        writer.add(self.ids, avg, mx)
+        if shards is not None:
+            shards.add([rows[i]["sha256"] for i in self.ids], avg, mx)
         return len(self.ids)
 
 
-def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], todo: Sequence[tuple[int, int]],
-              writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device) -> int:
-    """Extracts the rows of the checkpoints `todo`; returns how many rows it ran."""
-    ids = [i for start, stop in todo for i in range(start, stop)]
+class _Reuse:
+    """The rows of the checkpoints to do that the feature store already holds, handed to the checkpoint writer span by
+    span, just before the first newly computed row of that span (so only a span or two are ever half filled)."""
+
+    def __init__(self, store: FeatureStore, rows: list[dict], todo: Sequence[tuple[int, int]],
+                 writer: CheckpointWriter):
+        self.store, self.rows, self.writer = store, rows, writer
+        self.spans = sorted(todo)
+        # decided once, before any new row enters the store
+        self.by_span = {s: [i for i in range(*s) if rows[i]["sha256"] in store.rows] for s in self.spans}
+        reused = {i for ids in self.by_span.values() for i in ids}
+        self.compute = [i for s in self.spans for i in range(*s) if i not in reused]
+        self.next = 0
+        self.reused = 0
+        self.damaged: list[int] = []
+
+    def fill_up_to(self, last_id: int) -> None:
+        """Hands over the stored rows of every span that starts at or before row `last_id`."""
+        while self.next < len(self.spans) and self.spans[self.next][0] <= last_id:
+            ids = np.array(self.by_span[self.spans[self.next]], dtype=np.int64)
+            self.next += 1
+            if not len(ids):
+                continue
+            avg, mx, ok = self.store.read([self.rows[i]["sha256"] for i in ids], self.writer.channels,
+                                          self.writer.dtype.name)
+            self.writer.add(ids[ok], avg[ok], mx[ok])
+            self.reused += int(ok.sum())
+            self.damaged += ids[~ok].tolist()
+
+
+def _run_backbone(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], ids: list[int],
+                  writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device, reuse: _Reuse | None,
+                  shards: ShardWriter | None) -> int:
+    """Runs the rows `ids` (in index order) through the backbone into the checkpoint writer (and the store)."""
     if not ids:
         return 0
     dataset = ExtractDataset(root, [rows[i]["path"] for i in ids], ids, pre, cfg.decode,
@@ -155,15 +189,52 @@ def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], to
     pending: _InFlight | None = None
     with torch.inference_mode(), tqdm(total=len(ids), desc="extract", unit="img", disable=progress_disabled()) as bar:
         for batch in loader:
+            if reuse is not None:
+                reuse.fill_up_to(int(batch.ids.max()))
             avg, mx = forward_pooled(net, to_input(batch), cfg.precision == "bf16")
             current = _InFlight.start(batch.ids.numpy(), avg, mx)
             if pending is not None:  # the previous batch's copy has had this batch's queueing time to land
-                bar.update(pending.finish(writer))
+                bar.update(pending.finish(writer, rows, shards))
             pending = current
         if pending is not None:
-            bar.update(pending.finish(writer))
-    writer.check_complete()
+            bar.update(pending.finish(writer, rows, shards))
     return len(ids)
+
+
+def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], todo: Sequence[tuple[int, int]],
+              writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device,
+              store: FeatureStore | None = None) -> tuple[int, int]:
+    """Extracts the rows of the checkpoints `todo`, taking what the store holds from it; returns (rows run through
+    the backbone, rows reused from the store)."""
+    if store is None:
+        ran = _run_backbone(net, pre, root, rows, [i for s in todo for i in range(*s)], writer, cfg, device, None,
+                            None)
+        writer.check_complete()
+        return ran, 0
+    reuse = _Reuse(store, rows, todo, writer)
+    shards = ShardWriter(store, cfg.checkpoint_rows, cfg.dtype)
+    ran = _run_backbone(net, pre, root, rows, reuse.compute, writer, cfg, device, reuse, shards)
+    reuse.fill_up_to(len(rows))  # the spans after the last new row
+    if reuse.damaged:  # rows whose stored copy failed its digest: computed again, never trusted
+        ran += _run_backbone(net, pre, root, rows, reuse.damaged, writer, cfg, device, None, shards)
+    shards.flush()
+    writer.check_complete()
+    return ran, reuse.reused
+
+
+def _open_store(cfg: ExtractConfig, out: Path, fingerprint: dict, is_main: bool) -> FeatureStore | None:
+    """The feature store for this extraction's settings (None when `extract.store` is null; `auto`: beside `out`).
+
+    Its key leaves out what does not change a row's bits: the index (rows outlive index changes), the classes and
+    the checkpoint size."""
+    if cfg.store is None:
+        return None
+    key = {k: v for k, v in fingerprint.items() if k not in ("index_sha256", "classes", "checkpoint_rows")}
+    root = out.parent / "feature_store" if cfg.store == "auto" else Path(cfg.store)
+    store = FeatureStore.open(root, key)
+    if is_main:
+        log.info("extract: feature store %s holds %d rows for these settings", store.folder, len(store.rows))
+    return store
 
 
 def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
@@ -225,14 +296,19 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
             log.info("extract: resuming from %s: %d of %d rows already extracted, %d to go", partial, resumed,
                      len(rows), len(rows) - resumed)
         writer = CheckpointWriter(partial, spans, net.num_features, cfg.dtype)
+        store = _open_store(cfg, out, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
-            extracted = _run_rows(net, pre, Path(meta["source"]), rows, mine, writer, cfg, device)
+            extracted, reused = _run_rows(net, pre, Path(meta["source"]), rows, mine, writer, cfg, device, store)
+        if store is not None:
+            log.info("extract: %d rows reused from the feature store %s, %d run through the backbone%s", reused,
+                     store.folder, extracted, f" (rank {info.rank})" if info.world_size > 1 else "")
         barrier()  # all checkpoints are on disk
         if info.is_main:
             assemble(out, partial, spans, rows, attrs, net.num_features, cfg.dtype)
             shutil.rmtree(partial, ignore_errors=True)
         seconds = time.perf_counter() - t0
-    return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": resumed, "seconds": seconds,
+    return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": resumed, "rows_reused": reused,
+            "seconds": seconds,
             "img_per_s": extracted / seconds if seconds > 0 else 0.0, "device": str(device),
             "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features,
             "preprocess": pre.to_dict(), "weights_sha256": weights_sha, "backbone_config": to_dict(backbone),

@@ -76,6 +76,8 @@ class DataConfig:
     `source`, which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
     scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
+    `scan_cache` (speed only): a file whose size and mtime are unchanged since the last prepare is not read again
+    (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
     """
 
     source: str = "data/digits"
@@ -86,6 +88,7 @@ class DataConfig:
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     on_bad_file: Literal["skip", "error"] = "skip"
     follow_links: Literal["inside", "all", "none"] = "inside"
+    scan_cache: str | None = _speed("auto")
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():
@@ -132,6 +135,10 @@ class ExtractConfig:
     (`torchcodec.decoders.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL);
     `torchvision` is its deprecated alias (the same decoding, logged once), from before torchvision 0.29.
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
+    `store`: folder of the feature store (pipeline/core/feature_store.py): rows already extracted with the same
+    settings are reused by content hash, so a grown image folder sends only its new images through the backbone;
+    `auto` is `feature_store/` beside the features file, null turns it off. Outside DVC's outputs; delete it to
+    reclaim its space.
     """
 
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -141,6 +148,7 @@ class ExtractConfig:
     workers: int = _speed(2)
     checkpoint_rows: int = _speed(1024)
     device: str = _speed("auto")
+    store: str | None = _speed("auto")
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
