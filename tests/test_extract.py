@@ -97,9 +97,11 @@ def _features(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def test_rerun_and_batch_size_workers_checkpoints_give_identical_bytes(digits60, tmp_path: Path):
     again = tmp_path / "again.h5"
-    ex.extract_features(digits60["index"], again, BB32, ExtractConfig(batch_size=64, workers=0))
+    # store=None: both runs compute every row (with the feature store the second would copy the first's rows)
+    ex.extract_features(digits60["index"], again, BB32, ExtractConfig(batch_size=64, workers=0, store=None))
     other = tmp_path / "other.h5"
-    ex.extract_features(digits60["index"], other, BB32, ExtractConfig(batch_size=7, workers=2, checkpoint_rows=5))
+    ex.extract_features(digits60["index"], other, BB32, ExtractConfig(batch_size=7, workers=2, checkpoint_rows=5,
+                                                                      store=None))
     assert sha256(again) == sha256(digits60["ref"])
     assert sha256(other) == sha256(digits60["ref"])  # batch, workers, checkpoint size: speed only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.h5", "other.h5"]  # no partial, no temp file left
@@ -340,7 +342,8 @@ def test_torchrun_two_processes_merge_into_the_one_process_file(digits60, tmp_pa
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2" in proc.stderr  # rank 0 reports a world of two
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "runs") == ["merged.h5", "params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("runs", "feature_store")) == ["merged.h5",
+                                                                                                  "params.yaml"]
 
     ref, got = _features(digits60["ref"]), _features(out)
     assert list(got) == list(ref)
