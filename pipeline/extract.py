@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_section("extract", args.params)
     summary = extract_features(args.index, args.out, backbone, cfg)
     runlog.note(images=summary["rows"], images_extracted=summary["rows_extracted"],
-                images_resumed=summary["rows_resumed"], img_per_s=round(summary["img_per_s"], 2),
+                images_resumed=summary["rows_resumed"],
+                images_reused=summary["rows_reused"], img_per_s=round(summary["img_per_s"], 2),
                 device=summary["device"], world_size=summary["world_size"], precision=cfg.precision)
     log.info("extract: %d images in %.1f s (%.1f img/s per process, %d resumed) on %s x %d, %s %s -> %s",
              summary["rows_extracted"], summary["seconds"], summary["img_per_s"], summary["rows_resumed"],
