@@ -254,7 +254,7 @@ def read_labels(path: Path | str, split: str) -> np.ndarray:
         return f[split]["labels"][...].astype(np.int64, copy=False)
 
 
-def iter_inputs(path: Path | str, split: str, pooling: str, rows: int = READ_ROWS,
+def iter_inputs(path: Path | str, split: str, pooling: str, rows: int | None = None,
                 order: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (first row, float32 block of head inputs) for a split, reading only the pooling's datasets.
 
@@ -265,7 +265,7 @@ def iter_inputs(path: Path | str, split: str, pooling: str, rows: int = READ_ROW
     Raises:
         NonFiniteFeaturesError: a block holds NaN or inf (checked per block, naming the split and dataset).
     """
-    names = pooling_datasets(pooling)
+    names, rows = pooling_datasets(pooling), rows or READ_ROWS
     with open_features(path) as f:
         g = f[split]
         n, channels = g["avg"].shape
@@ -333,13 +333,16 @@ class StreamedInputs:
         return self.shape[0]
 
 
-def input_blocks(x: np.ndarray | StreamedInputs, rows: int = READ_ROWS,
+def input_blocks(x: np.ndarray | StreamedInputs, rows: int | None = None,
                  order: Any = None) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, float32 block) over head inputs in memory (views, no copy) or streamed from the file.
 
     Args:
+        rows: rows per block (default :data:`READ_ROWS`, read when called); the same blocks either way, so a
+            computation summed block by block gives the same bits in memory and streamed.
         order: block starts (multiples of `rows`) in the order to visit them; default: file order.
     """
+    rows = rows or READ_ROWS
     if isinstance(x, StreamedInputs):
         yield from iter_inputs(x.path, x.split, x.pooling, rows, order)
         return

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.core.divergence import TrainingDivergedError, check_finite_loss
 from pipeline.core.features import StreamedInputs, input_blocks
+from pipeline.core.heads.logreg import balanced_class_weight
 from pipeline.infra.config import MlpConfig
 from pipeline.infra.runtime import progress_disabled, resolve_device, seed_everything, set_deterministic
 
@@ -99,9 +100,8 @@ def fit_mlp(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np
     model = MlpHead(x_train.shape[1], num_classes, cfg.hidden, cfg.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weight = None
-    if cfg.class_weight == "balanced":  # n / (K n_k): scikit-learn's balanced weights
-        counts = torch.bincount(yt, minlength=num_classes).double()
-        weight = (len(yt) / (num_classes * counts.clamp(min=1))).float().to(device)
+    if cfg.class_weight == "balanced":
+        weight = torch.from_numpy(balanced_class_weight(y_train, num_classes)).float().to(device)
     hint = _hint(cfg)
     # The untrained head's val loss is the bar: a run whose best epoch does not beat it learned nothing usable.
     untrained_loss, _ = _evaluate(model, x_val, y_val, device, weight)
