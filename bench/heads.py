@@ -157,6 +157,8 @@ def main() -> None:
                                    "--mlp-epochs", str(args.mlp_epochs),
                                    "--textbook-max-iter", str(args.textbook_max_iter)],
                                   capture_output=True, text=True)
+            if args.json:  # the child's log (solver iterations, warnings) beside the figures
+                args.json.with_suffix(f".{run}.log").write_text(proc.stderr)
             if proc.returncode:
                 print(f"{run}: failed\n{proc.stderr[-2000:]}")
                 continue
