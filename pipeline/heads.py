@@ -1,7 +1,8 @@
 """Stage `heads@<name>`: fits one cheap head on the cached features only (never images, never the backbone).
 
-Heads: `logreg` (StandardScaler + LogisticRegression on avg pooling by default) and `mlp` (BN-Dropout-Linear-ReLU
-on concat pooling [avg, max]). Each is stored as a torch module: `head.safetensors` (weights) + `head.json` (what to
+Heads: `logreg` (standardised L2 logistic regression on avg pooling by default: scikit-learn for small data, a
+torch L-BFGS solver for large data) and `mlp` (BN-Dropout-Linear-ReLU on concat pooling [avg, max]), both on the GPU
+when present. Only the pooling a head needs is read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module: `head.safetensors` (weights) + `head.json` (what to
 build, which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
 
     python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \
@@ -17,6 +18,7 @@ from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
+from pipeline.infra.runtime import resolve_device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     # Refuse stale features (another backbone, preprocessing, precision, dtype or index) before fitting anything.
     verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)
-    runlog.note(head=args.head, device="cpu", precision="fp32")  # heads always fit on the CPU in fp32
+    runlog.note(head=args.head, device=str(resolve_device(cfg.device)), precision="fp32")
     module, spec, metrics = fit_head(args.head, args.features, cfg)
     save_head(args.out or Path("models/heads") / args.head, module, spec)
     write_json(args.metrics or Path("metrics/heads") / f"{args.head}.json", metrics)

@@ -45,6 +45,10 @@ def test_unknown_keys_name_the_key_and_the_allowed_ones(tmp_path, text, section,
     ("data:\n  on_bad_file: ignore\n", r"data.on_bad_file = 'ignore' is not allowed; choose one of: skip, error"),
     ("extract:\n  precision: fp16\n", r"extract.precision = 'fp16' is not allowed; choose one of: fp32, bf16"),
     ("data: [1, 2]\n", r"data must be a mapping of keys"),
+    ("heads:\n  logreg:\n    solver: lbfgs\n",
+     r"heads.logreg.solver = 'lbfgs' is not allowed; choose one of: auto, sklearn, torch"),
+    ("heads:\n  mlp:\n    class_weight: auto\n",
+     r"heads.mlp.class_weight = 'auto' is not allowed; allowed: null \(every image counts once\) or balanced"),
 ])
 def test_wrong_types(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -59,6 +63,8 @@ def test_wrong_types(tmp_path, text, expected):
     ("heads:\n  mlp:\n    dropout: 1.0\n", r"heads.mlp.dropout must be < 1"),
     ("extract:\n  batch_size: 0\n", r"extract.batch_size = 0 is out of range; allowed: \[1, 65536\]"),
     ("backbone:\n  image_size: 8\n", r"backbone.image_size = 8 is out of range; allowed: \[16, 4096\]"),
+    ("heads:\n  logreg:\n    tol: 0\n", r"heads.logreg.tol = 0.0 is out of range; allowed: \(0.0, 1.0\]"),
+    ("heads:\n  mlp:\n    in_memory_gb: -1\n", r"heads.mlp.in_memory_gb = -1.0 is out of range; allowed: \[0.0, "),
 ])
 def test_out_of_range(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -100,7 +106,7 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == ["prepare: error: unknown key 'heads.mlp.hiden' in params.yaml (did you mean "
                       "'heads.mlp.hidden'?); allowed keys: hidden, dropout, lr, weight_decay, batch_size, epochs, "
-                      "patience, seed"], proc.stderr
+                      "patience, seed, class_weight, device, in_memory_gb"], proc.stderr
     assert not out.exists()
 
 

@@ -135,3 +135,83 @@ def test_features_with_nan_are_refused_naming_split_dataset_and_rows(tiny_cache,
                    "--metrics", str(tmp_path / "m.json")], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "split 'train', dataset 'max' has 4 of" in proc.stderr and not (tmp_path / "mlp").exists()
+
+
+def test_split_metrics_match_sklearn_at_more_than_five_classes():
+    """top-5, balanced accuracy and per-class precision/recall against scikit-learn's own functions."""
+    from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, top_k_accuracy_score
+
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.zeros(40, int), rng.integers(1, 7, size=60)])  # class 0 over-represented
+    logits = rng.normal(size=(100, 7)).astype(np.float32)
+    logits[np.arange(100), labels] += 1.0
+    m = split_metrics(logits, labels)
+    pred = logits.argmax(1)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
+    assert m["top5_accuracy"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=range(7)))
+    np.testing.assert_allclose(m["per_class"]["precision"],
+                               precision_score(labels, pred, average=None, labels=range(7), zero_division=0), atol=1e-6)
+    np.testing.assert_allclose(m["per_class"]["recall"], recall_score(labels, pred, average=None, labels=range(7)),
+                               atol=1e-6)
+    assert m["per_class"]["support"] == np.bincount(labels, minlength=7).tolist()
+    assert "top5_accuracy" not in split_metrics(logits[:, :5], np.minimum(labels, 4))  # 5 classes: always 1
+
+
+def test_avg_head_never_reads_max(tiny_cache, tmp_path):
+    """The logreg head on avg pooling reads only `avg`: NaN written over all of `max` cannot reach it, while the
+    MLP (which needs [avg, max]) is stopped by them."""
+    import shutil
+
+    import h5py
+
+    features = tmp_path / "features.h5"
+    shutil.copy(tiny_cache["features"], features)
+    with h5py.File(features, "r+") as f:
+        for split in ("train", "val"):
+            f[f"{split}/max"][...] = np.nan
+    heads = load_section("heads", tiny_cache["params"])
+    _, _, clean = fit_head("logreg", tiny_cache["features"], heads.logreg)
+    _, _, metrics = fit_head("logreg", features, heads.logreg)
+    assert metrics == clean
+    with pytest.raises(Exception, match=r"split 'train', dataset 'max' has \d+ of \d+ rows with NaN"):
+        fit_head("mlp", features, heads.mlp)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp"])
+def test_streamed_head_matches_in_memory(tiny_cache, name):
+    """`in_memory_gb: 0` leaves the features in the file (read block by block): logreg (torch solver) gives the
+    same model as in memory, and the MLP learns (its shuffle differs, so only its quality is compared)."""
+    import dataclasses
+
+    cfg = getattr(load_section("heads", tiny_cache["params"]), name)
+    if name == "logreg":
+        cfg = dataclasses.replace(cfg, solver="torch")
+    a, _, ma = fit_head(name, tiny_cache["features"], cfg)
+    b, _, mb = fit_head(name, tiny_cache["features"], dataclasses.replace(cfg, in_memory_gb=0.0))
+    if name == "logreg":
+        assert ma == mb
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    assert mb["val"]["accuracy"] >= 0.5  # 3 classes: chance is 1/3
+
+
+def test_mlp_balanced_loss_is_sklearns_weighted_log_loss():
+    """class_weight: balanced weighs the MLP's loss by n / (K n_k): its val criterion equals scikit-learn's log_loss
+    with compute_sample_weight('balanced') on the same probabilities."""
+    from sklearn.metrics import log_loss
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from pipeline.core.heads.mlp import _evaluate, fit_mlp
+    from pipeline.infra.config import MlpConfig
+
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.zeros(90, int), np.ones(20, int), np.full(10, 2)])  # imbalanced 9:2:1
+    x = (rng.normal(size=(120, 6)) + y[:, None]).astype(np.float32)
+    cfg = MlpConfig(hidden=[8], epochs=5, class_weight="balanced")
+    model, info = fit_mlp(x, y, x, y, cfg, 3)
+    weight = torch.from_numpy(np.bincount(y).sum() / (3 * np.bincount(y))).float()
+    loss, _ = _evaluate(model, x, y, torch.device("cpu"), weight)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x)).double(), 1).numpy()
+    expected = log_loss(y, probs, sample_weight=compute_sample_weight("balanced", y))
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert info["history"][info["best_epoch"]]["val_loss"] == pytest.approx(loss, rel=1e-6)

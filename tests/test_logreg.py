@@ -72,3 +72,112 @@ def test_fit_logreg_chooses_c_on_val():
         acc = (layer(torch.from_numpy(x[va])).argmax(1).numpy() == y[va]).mean()
     assert acc == pytest.approx(by_c[info["C"]]["val_accuracy"])
     assert acc > 0.9  # digits pixels are nearly linearly separable
+
+
+# --- the torch solver against scikit-learn ---------------------------------------------------------------------
+
+def _sklearn_objective(layer: torch.nn.Linear, x: np.ndarray, y: np.ndarray, c: float, scale: np.ndarray,
+                       sample_weight: np.ndarray) -> float:
+    """scikit-learn's LogisticRegression objective, mean form, in float64, for a folded layer.
+
+    (1/S) sum_i s_i CE_i + ||w||^2 / (2 C S) with w in standardised space (W' sigma); for two classes sklearn's
+    single vector is the difference of the two rows (the softmax of [-z/2, z/2] is the sigmoid of z).
+    """
+    weight = layer.weight.detach().double().numpy()
+    logits = x.astype(np.float64) @ weight.T + layer.bias.detach().double().numpy()
+    logits -= logits.max(1, keepdims=True)
+    ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(len(y)), y]
+    coef = weight * scale
+    if coef.shape[0] == 2:
+        coef = coef[1:] - coef[:1]
+    total = sample_weight.sum()
+    return float((sample_weight * ce).sum() / total + (coef ** 2).sum() / (2 * c * total))
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+@pytest.mark.parametrize("classes", [[3, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]], ids=["binary", "multiclass"])
+def test_torch_solver_agrees_with_sklearn(classes, class_weight):
+    """Same data, same C, same class weights: both solvers reach the same minimum of the same objective.
+
+    Tolerances: both stop when the largest gradient component is below tol = 1e-6 on a strictly convex objective,
+    so both sit next to its one minimiser; the torch solver evaluates in float32 (relative error ~1e-7 per value, a
+    few 1e-6 summed over 1,000+ rows), so its objective can be above scikit-learn's float64 one by ~1e-6 relative:
+    we allow 1e-5. Probabilities then differ by at most ~1e-3 (measured: 3e-5 binary, 8e-4 multiclass); we allow
+    2e-3, and predictions may differ only on rows at a near tie.
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from pipeline.core.heads.logreg import balanced_class_weight
+
+    x, y = _digits(classes)
+    if class_weight:  # make it imbalanced, so the weights matter: keep a third of class 0
+        keep = (y != 0) | (np.arange(len(y)) % 3 == 0)
+        x, y = x[keep], y[keep]
+        np.testing.assert_allclose(balanced_class_weight(y, len(classes)),
+                                   compute_class_weight("balanced", classes=np.arange(len(classes)), y=y))
+    weights = balanced_class_weight(y, len(classes))[y] if class_weight else np.ones(len(y))
+    scale = StandardScaler().fit(x).scale_
+    layers, info = {}, {}
+    for solver in ("sklearn", "torch"):
+        cfg = LogregConfig(C=[0.05], max_iter=20000, tol=1e-6, solver=solver, class_weight=class_weight)
+        layers[solver], info[solver] = fit_logreg(x, y, x, y, cfg, len(classes))
+        assert info[solver]["solver"] == solver
+    f = {s: _sklearn_objective(layers[s], x, y, 0.05, scale, weights) for s in layers}
+    assert f["torch"] <= f["sklearn"] * (1 + 1e-5), f
+    with torch.no_grad():
+        probs = {s: torch.softmax(layers[s](torch.from_numpy(x)).double(), 1).numpy() for s in layers}
+    np.testing.assert_allclose(probs["torch"], probs["sklearn"], atol=2e-3, rtol=0)
+    differ = probs["torch"].argmax(1) != probs["sklearn"].argmax(1)
+    assert (np.sort(probs["sklearn"][differ], 1)[:, -1] - np.sort(probs["sklearn"][differ], 1)[:, -2] < 4e-3).all()
+
+
+def test_torch_solver_sweep_warm_start_and_subsample_reach_the_cold_solutions(monkeypatch):
+    """Warm starts (C ascending, and the first C from a subsample) change where L-BFGS starts, not where it ends:
+    each C's model equals the one solved alone from zero, within the float32 solver's tolerance."""
+    from pipeline.core.heads import softmax
+
+    x, y = _digits(list(range(10)))
+    monkeypatch.setattr(softmax, "SUBSAMPLE_MIN_ROWS", 64)  # 1,797 rows: the subsample start runs (every 8th row)
+    cfg = LogregConfig(C=[1.0, 0.01, 0.1], max_iter=20000, tol=1e-6, solver="torch")
+    swept, info = fit_logreg(x, y, x, y, cfg, 10)
+    by_c = {r["C"]: r for r in info["search"]}
+    for c in cfg.C:
+        _, alone = fit_logreg(x, y, x, y, LogregConfig(C=[c], max_iter=20000, tol=1e-6, solver="torch"), 10)
+        assert alone["search"][0]["val_accuracy"] == pytest.approx(by_c[c]["val_accuracy"], abs=2 / len(y))
+        assert alone["search"][0]["val_loss"] == pytest.approx(by_c[c]["val_loss"], rel=1e-3)
+
+
+def test_streamed_solver_equals_in_memory(tmp_path, monkeypatch):
+    """Features left in the HDF5 file (StreamedInputs, read block by block) give the same model as in memory:
+    the same blocks are summed in the same order."""
+    import h5py
+
+    from pipeline.core import features as feats
+    from pipeline.core.checkpoints import create_datasets, write_rows
+    from pipeline.core.features import StreamedInputs, read_inputs, split_shape
+
+    x, y = _digits(list(range(10)))
+    x = np.abs(x)
+    rows = [{"split": "train", "label": int(label), "id": i} for i, label in enumerate(y)]
+    path = tmp_path / "features.h5"
+    with h5py.File(path, "w") as f:  # the pipeline's own writer
+        ranges = create_datasets(f, rows, x.shape[1], "float32")
+        write_rows(f, ranges, 0, x, x * 2)
+    monkeypatch.setattr(feats, "READ_ROWS", 256)  # several blocks (and several HDF5 chunks per block)
+    streamed = StreamedInputs(path, "train", "avg", split_shape(path, "train", "avg"))
+    in_memory = read_inputs(path, "train", "avg")
+    np.testing.assert_array_equal(in_memory, x)
+    cfg = LogregConfig(C=[0.1], tol=1e-5, solver="torch")
+    a, info_a = fit_logreg(in_memory, y, in_memory, y, cfg, 10)
+    b, info_b = fit_logreg(streamed, y, streamed, y, cfg, 10)
+    assert info_a == info_b
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+
+
+def test_solver_auto_by_size_and_forced():
+    from pipeline.core.heads.logreg import AUTO_TORCH_VALUES, resolve_solver
+
+    assert resolve_solver(LogregConfig(), 1079, 1280) == "sklearn"  # the default data keeps the reference
+    assert resolve_solver(LogregConfig(), AUTO_TORCH_VALUES // 1280 + 1, 1280) == "torch"
+    assert resolve_solver(LogregConfig(solver="sklearn"), 10**6, 1280) == "sklearn"
+    assert resolve_solver(LogregConfig(solver="torch"), 10, 10) == "torch"

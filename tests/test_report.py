@@ -19,3 +19,42 @@ def test_best_model_is_chosen_by_number_not_by_text(tmp_path):
         write_markdown(tmp_path / "report.md", meta=meta, attrs=attrs, selected=selected, result=result,
                        finetune_info=None, figures={"heads": "h.png", "misclassified": "m.png"})
         assert f"Best on val: **{winner}**." in (tmp_path / "report.md").read_text()
+
+
+def test_confusion_at_120_classes_and_most_confused_pairs(tmp_path):
+    """Above 30 classes the matrix is drawn without cell numbers (a readable figure of fixed size), and the report
+    names the most confused pairs from the counts."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.core.report import most_confused, plot_confusion
+
+    classes = [f"class_{i:03d}" for i in range(120)]
+    matrix = np.diag(np.full(120, 20))
+    matrix[5, 7], matrix[9, 2], matrix[3, 4] = 9, 4, 4
+    pairs = most_confused(matrix, classes, top=3)
+    assert pairs == [["class_005", "class_007", 9, 9 / 29], ["class_003", "class_004", 4, 4 / 24],
+                     ["class_009", "class_002", 4, 4 / 24]]
+    plot_confusion(tmp_path / "c.png", matrix, classes, "t")
+    assert Image.open(tmp_path / "c.png").size == (1220, 1200)  # 12.2 x 12 in at 100 dpi, whatever the class count
+
+
+def test_evaluate_reports_per_class_metrics_and_worst_mistakes(tiny_cache, tmp_path):
+    """evaluate on the tiny cache with a fitted head: the new metrics reach evaluate.json and report.md."""
+    from pipeline.core.evaluation import evaluate
+    from pipeline.core.heads import fit_head, save_head
+    from pipeline.infra.artifacts import write_json
+    from pipeline.infra.config import load_section
+
+    module, spec, metrics = fit_head("logreg", tiny_cache["features"], load_section("heads", tiny_cache["params"]).logreg)
+    save_head(tmp_path / "heads" / "logreg", module, spec)
+    write_json(tmp_path / "selected.json", {"head": "logreg", "reason": "only head", "ranking": [
+        {"head": "logreg", "val_accuracy": metrics["val"]["accuracy"], "val_loss": metrics["val"]["loss"]}]})
+    result = evaluate(tiny_cache["index"], tiny_cache["features"], tmp_path / "heads", tmp_path / "selected.json",
+                      None, tmp_path / "plots", tmp_path / "report")
+    val = result["best_head"]["val"]
+    assert val == metrics["val"]  # the same head on the same cached features: the same numbers
+    assert set(val["per_class"]) == {"precision", "recall", "support"} and len(val["per_class"]["recall"]) == 3
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "balanced accuracy" in text and "### Per class on test (best head)" in text
+    assert (tmp_path / "plots" / "misclassified.png").is_file()

@@ -19,7 +19,7 @@ from pipeline.core.dataset import read_index
 from pipeline.core.features import read_attrs, read_split
 from pipeline.core.heads import head_logits, load_head
 from pipeline.core.images import ImageDataset, eval_transform, load_rgb
-from pipeline.core.metrics import confusion_matrix, split_metrics
+from pipeline.core.metrics import confusion_matrix, row_scores, split_metrics
 from pipeline.core.network import load_checkpoint, predict_logits
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_csv
@@ -35,10 +35,12 @@ class Scores:
     metrics: dict = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     predicted: dict[str, np.ndarray] = field(default_factory=dict)
+    losses: dict[str, np.ndarray] = field(default_factory=dict)  # per-image cross-entropy, to show the worst first
 
     def add(self, split: str, logits: np.ndarray, labels: np.ndarray) -> None:
         self.metrics[split] = split_metrics(logits, labels)
-        self.labels[split], self.predicted[split] = labels, logits.argmax(1)
+        rows = row_scores(torch.from_numpy(logits), torch.from_numpy(labels))
+        self.labels[split], self.predicted[split], self.losses[split] = labels, rows["predicted"], rows["loss"]
 
 
 def score_head(features: Path, head_dir: Path, splits: list[str]) -> Scores:
@@ -95,7 +97,8 @@ def write_plots(plots: Path, meta: dict, rows: list[dict], choice: dict, models:
     shown = "finetune" if "finetune" in models else "head"
     label = "fine-tuned model" if shown == "finetune" else f"head '{choice['head']}'"
     val_rows = [r for r in rows if r["split"] == "val"]
-    _plot_misclassified(plots / "misclassified.png", meta, val_rows, label, models[shown].predicted["val"])
+    _plot_misclassified(plots / "misclassified.png", meta, val_rows, label, models[shown].predicted["val"],
+                        models[shown].losses["val"])
 
 
 def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result: dict, models: dict[str, Scores],
@@ -114,7 +117,11 @@ def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result
         info = read_json(finetuned / "model.json")
         figures["curves"] = "curves.png"
         report.plot_curves(report_dir / "curves.png", info["history"])
-    report.write_markdown(report_dir / "report.md", meta=meta, attrs=attrs, selected=choice, result=result,
+    best = models.get("finetune", models["head"])  # the model the per-class tables describe
+    matrix = confusion_matrix(best.labels[plot_split], best.predicted[plot_split], len(classes))
+    shown = {**result, "classes": classes, "per_class_split": plot_split,
+             "most_confused": report.most_confused(matrix, classes)}
+    report.write_markdown(report_dir / "report.md", meta=meta, attrs=attrs, selected=choice, result=shown,
                           finetune_info=info, figures=figures)
 
 
@@ -129,12 +136,14 @@ def write_heads_csv(path: Path, ranking: list[dict]) -> None:
 
 
 def _plot_misclassified(path: Path, meta: dict, val_rows: list[dict], model: str, predicted: np.ndarray,
-                        limit: int = 8) -> None:
-    """The first `limit` misclassified val images (index order), titled with the true and predicted class."""
+                        losses: np.ndarray, limit: int = 8) -> None:
+    """The `limit` worst misclassified val images (highest loss first: the confident mistakes, where label errors
+    and confusable classes show), titled with the true and predicted class and the loss."""
     classes = meta["classes"]
-    wrong = [(r, int(p)) for r, p in zip(val_rows, predicted) if int(r["label"]) != int(p)][:limit]
-    images = [np.asarray(ImageOps.fit(load_rgb(Path(meta["source"]) / r["path"]), (128, 128))) for r, _ in wrong]
-    titles = [f"{Path(r['path']).name}\ntrue {r['class']} -> {classes[p]}" for r, p in wrong]
-    n_wrong = int(sum(int(r["label"]) != int(p) for r, p in zip(val_rows, predicted)))
+    wrong = [(r, int(p), float(v)) for r, p, v in zip(val_rows, predicted, losses) if int(r["label"]) != int(p)]
+    n_wrong = len(wrong)
+    wrong = sorted(wrong, key=lambda w: -w[2])[:limit]  # stable: equal losses keep index order
+    images = [np.asarray(ImageOps.fit(load_rgb(Path(meta["source"]) / r["path"]), (128, 128))) for r, _, _ in wrong]
+    titles = [f"{Path(r['path']).name}\ntrue {r['class']} -> {classes[p]}\nloss {v:.2f}" for r, p, v in wrong]
     report.plot_misclassified(path, images, titles, f"{model}: {n_wrong} of {len(val_rows)} val images wrong"
-                              + (f", first {len(wrong)} shown" if wrong else ""))
+                              + (f", worst {len(wrong)} shown (highest loss first)" if wrong else ""))

@@ -88,11 +88,14 @@ class SplitFeatures:
     ids: np.ndarray
 
     def inputs(self, pooling: str) -> np.ndarray:
-        """Head inputs for a pooling: `avg` (C) or `catavgmax` = [avg, max] (2C), as float32."""
+        """Head inputs for a pooling: `avg` (C) or `catavgmax` = [avg, max] (2C), as float32 (no copy when the
+        cache is float32 and the pooling is `avg`; one allocation for `catavgmax`)."""
         if pooling == "avg":
-            return self.avg.astype(np.float32)
+            return self.avg.astype(np.float32, copy=False)
         if pooling == "catavgmax":
-            return np.concatenate([self.avg, self.max], axis=1).astype(np.float32)
+            out = np.empty((len(self.avg), 2 * self.avg.shape[1]), dtype=np.float32)
+            out[:, :self.avg.shape[1]], out[:, self.avg.shape[1]:] = self.avg, self.max
+            return out
         raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
 
 
@@ -220,3 +223,128 @@ def verify_features(path: Path | str, backbone, extract, index_dir: Path | str |
         log.info("stale-features check: image size %d px (%s)", resolved.image_size, why)
     check_fingerprint(path, attrs, expected_fingerprint(resolved, extract, index_dir))
     return attrs
+
+
+# Rows per HDF5 read when a split is read block by block: 16,384 x 1280 float32 is 84 MB, large enough that one
+# read amortises HDF5's per-call cost (64 chunks of 256 rows), small enough to be a bounded temporary.
+READ_ROWS = 16_384
+
+
+def pooling_datasets(pooling: str) -> tuple[str, ...]:
+    """The cached datasets a pooling is made of, in concat order (timm's `catavgmax` = [avg, max])."""
+    if pooling == "avg":
+        return ("avg",)
+    if pooling == "catavgmax":
+        return ("avg", "max")
+    raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
+
+
+def split_shape(path: Path | str, split: str, pooling: str) -> tuple[int, int] | None:
+    """(rows, input features) of a split's head inputs for `pooling`, or None when the file has no such split."""
+    with open_features(path) as f:
+        if split not in f:
+            return None
+        rows, channels = f[split]["avg"].shape
+    return rows, channels * len(pooling_datasets(pooling))
+
+
+def read_labels(path: Path | str, split: str) -> np.ndarray:
+    """A split's int64 labels (8 bytes a row: always read whole)."""
+    with open_features(path) as f:
+        return f[split]["labels"][...].astype(np.int64, copy=False)
+
+
+def iter_inputs(path: Path | str, split: str, pooling: str, rows: int | None = None,
+                order: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (first row, float32 block of head inputs) for a split, reading only the pooling's datasets.
+
+    Args:
+        rows: rows per block; memory is one block, however large the split.
+        order: the block starts to read, in this order (a shuffled epoch); default: all blocks in file order.
+
+    Raises:
+        NonFiniteFeaturesError: a block holds NaN or inf (checked per block, naming the split and dataset).
+    """
+    names, rows = pooling_datasets(pooling), rows or READ_ROWS
+    with open_features(path) as f:
+        g = f[split]
+        n, channels = g["avg"].shape
+        starts = range(0, n, rows) if order is None else order
+        for start in starts:
+            stop = min(int(start) + rows, n)
+            block = np.empty((stop - start, channels * len(names)), dtype=np.float32)
+            for j, name in enumerate(names):
+                _read_rows(g[name], block, start, stop, 0, j * channels)
+                check_finite_rows(block[:, j * channels:(j + 1) * channels],
+                                  f"{path}: split '{split}', dataset '{name}' (rows {start}-{stop - 1})")
+            yield int(start), block
+
+
+def _read_rows(ds: h5py.Dataset, out: np.ndarray, start: int, stop: int, row: int, col: int) -> None:
+    """Reads ds[start:stop] into out[row:, col:col + width] with no temporary for a float32 cache."""
+    width = ds.shape[1]
+    if ds.dtype == np.float32:  # HDF5 writes straight into the strided destination
+        ds.read_direct(out, np.s_[start:stop], np.s_[row:row + stop - start, col:col + width])
+    else:  # float16 cache: numpy converts one block
+        out[row:row + stop - start, col:col + width] = ds[start:stop]
+
+
+def read_inputs(path: Path | str, split: str, pooling: str) -> np.ndarray:
+    """A split's head inputs for `pooling`, as one float32 array written in place block by block.
+
+    Only the datasets the pooling needs are read (an `avg` head never touches `max`), and each block lands directly
+    in its rows of the preallocated result: peak memory is the result plus one block of finiteness flags, not the
+    two or three full copies that loading, concatenating and converting would make.
+
+    Raises:
+        NonFiniteFeaturesError: a feature is NaN or inf (the message names the split, dataset and row count).
+    """
+    names = pooling_datasets(pooling)
+    with open_features(path) as f:
+        g = f[split]
+        n, channels = g["avg"].shape
+        out = np.empty((n, channels * len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            bad: list[np.ndarray] = []
+            for start in range(0, n, READ_ROWS):
+                stop = min(start + READ_ROWS, n)
+                _read_rows(g[name], out, start, stop, start, j * channels)
+                part = out[start:stop, j * channels:(j + 1) * channels]
+                bad.append(start + np.flatnonzero(~np.isfinite(part).all(axis=1)))
+            bad_rows = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
+            if len(bad_rows):
+                raise NonFiniteFeaturesError(
+                    f"{path}: split '{split}', dataset '{name}' has {len(bad_rows)} of {n} rows with NaN or inf "
+                    f"values (first at row {int(bad_rows[0])}); the file is damaged or the backbone overflowed: "
+                    f"delete it and {RERUN}")
+    return out
+
+
+@dataclass(frozen=True)
+class StreamedInputs:
+    """A split's head inputs left in the features file, read block by block: for splits too large for memory."""
+
+    path: Path
+    split: str
+    pooling: str
+    shape: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def input_blocks(x: np.ndarray | StreamedInputs, rows: int | None = None,
+                 order: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 block) over head inputs in memory (views, no copy) or streamed from the file.
+
+    Args:
+        rows: rows per block (default :data:`READ_ROWS`, read when called); the same blocks either way, so a
+            computation summed block by block gives the same bits in memory and streamed.
+        order: block starts (multiples of `rows`) in the order to visit them; default: file order.
+    """
+    rows = rows or READ_ROWS
+    if isinstance(x, StreamedInputs):
+        yield from iter_inputs(x.path, x.split, x.pooling, rows, order)
+        return
+    for start in (range(0, len(x), rows) if order is None else order):
+        yield int(start), x[int(start):int(start) + rows]

@@ -28,21 +28,44 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+CONFUSION_CELLS_MAX = 30  # up to this many classes every cell is labelled with its count; above, colour only
+
+
 def plot_confusion(path: Path, matrix: np.ndarray, classes: Sequence[str], title: str) -> None:
+    """Counts per (actual, predicted). Up to CONFUSION_CELLS_MAX classes: every cell numbered, every class named.
+    Above: rows normalised to recall (so a large class does not wash out the others), a square figure of fixed size,
+    about 25 class names per axis, and no cell text: the report lists the most confused pairs in a table instead."""
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * max(n, 4), 1.0 + 0.45 * max(n, 4)))
-    ax.imshow(matrix, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
-    ax.set_yticks(range(n), classes)
+    large = n > CONFUSION_CELLS_MAX
+    side = 12.0 if large else 1.0 + 0.45 * max(n, 4)
+    fig, ax = plt.subplots(figsize=(side + 0.2, side))
+    shown = matrix / np.maximum(matrix.sum(1, keepdims=True), 1) if large else matrix
+    im = ax.imshow(shown, cmap="Blues", interpolation="nearest")
+    if large:
+        fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of the actual class")
+        ticks = list(range(0, n, max(1, n // 25)))
+    else:
+        ticks = list(range(n))
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(ticks, [classes[t] for t in ticks], rotation=90 if n > 6 else 0, fontsize=8 if large else None)
+    ax.set_yticks(ticks, [classes[t] for t in ticks], fontsize=8 if large else None)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(f"{title}\naccuracy {np.trace(matrix) / max(matrix.sum(), 1):.4f}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def most_confused(matrix: np.ndarray, classes: Sequence[str], top: int = 10) -> list[list]:
+    """The largest off-diagonal cells: [actual, predicted, count, fraction of the actual class], largest first."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    return [[classes[i], classes[j], int(off[i, j]), off[i, j] / max(int(matrix[i].sum()), 1)]
+            for i, j in (np.unravel_index(k, off.shape) for k in order) if off[i, j] > 0]
 
 
 def plot_heads(path: Path, ranking: list[dict]) -> None:
@@ -177,20 +200,46 @@ def _result_section(result: dict, figures: dict[str, str]) -> list[str]:
     scored = [(f"head `{best_head['name']}`", best_head)]
     if "finetune" in result:
         scored.append(("fine-tuned network", result["finetune"]))
-    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] for name, m in scored]
+    extra = [k for k in ("balanced_accuracy", "top5_accuracy") if all(k in m[evals[0]] for _, m in scored)]
+    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] + [_pct(m[evals[0]][k]) for k in extra]
+              for name, m in scored]
     # compare the numbers, never their text ("100.00 %" < "99.00 %" as strings); ties go to the simpler model
     best = max(scored, key=lambda nm: (nm[1][evals[0]]["accuracy"], -scored.index(nm)))[0]
     return [
         "## Result",
-        _table(["model", *[f"{s} accuracy" for s in evals]], models),
+        _table(["model", *[f"{s} accuracy" for s in evals],
+                *[f"{evals[0]} {k.replace('_', ' ').replace('top5', 'top-5')}" for k in extra]], models),
         "",
         f"Best on val: **{best}**.",
         "",
+        *_per_class_section(result, result.get("per_class_split", evals[-1])),
         *[f"![{name}]({fig})" for name, fig in figures.items() if name.startswith("confusion")],
         "",
         f"![misclassified]({figures['misclassified']})",
         "",
     ]
+
+
+def _per_class_section(result: dict, split: str, worst: int = 10) -> list[str]:
+    """Per-class precision and recall of the best model: every class up to 30, else the `worst` by recall."""
+    model = result.get("finetune", result["best_head"])
+    per_class, classes = model[split].get("per_class"), result.get("classes")
+    if not per_class or not classes:
+        return []
+    order = list(range(len(classes)))
+    title = f"Per class on {split} ({'fine-tuned network' if 'finetune' in result else 'best head'})"
+    if len(classes) > CONFUSION_CELLS_MAX:
+        order = sorted(order, key=lambda i: (per_class["recall"][i], i))[:worst]
+        title += f": the {worst} classes with the lowest recall"
+    rows = [[classes[i], _pct(per_class["precision"][i]), _pct(per_class["recall"][i]), per_class["support"][i]]
+            for i in order]
+    confused = result.get("most_confused") or []
+    lines = [f"### {title}", _table(["class", "precision", "recall", "images"], rows), ""]
+    if confused:
+        lines += ["Most confused pairs (actual -> predicted):",
+                  _table(["actual", "predicted", "images", "of the actual class"],
+                         [[a, p, c, _pct(f)] for a, p, c, f in confused]), ""]
+    return lines
 
 
 _HEADER = [

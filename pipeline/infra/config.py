@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -156,13 +156,30 @@ class ExtractConfig:
         _check_range(f"{prefix}.checkpoint_rows", self.checkpoint_rows, 1, MAX_CHECKPOINT_ROWS)
 
 
+MAX_MEMORY_GB = 1_000_000.0  # in_memory_gb: a terabyte-scale machine is far below; a typo (1e9) is refused
+
+_CLASS_WEIGHT = dataclasses.field(default=None, metadata={"allowed": "null (every image counts once) or balanced"})
+
+
 @dataclasses.dataclass(frozen=True)
 class LogregConfig:
-    """StandardScaler + LogisticRegression; C is picked on val from the list."""
+    """Standardised features + L2 multinomial logistic regression; C is picked on val from the list.
+
+    `solver`: `sklearn` (StandardScaler + LogisticRegression, the reference), `torch` (the same objective by
+    L-BFGS in float32, warm-started along C, GPU when present, streamed from HDF5 when the features exceed
+    `in_memory_gb`), or `auto` (scikit-learn for small data, torch above ~20 M feature values). `tol`: both solvers
+    stop when the largest gradient component is below it. `class_weight: balanced` weighs each class by
+    n / (K n_k). `device` and `in_memory_gb` are speed only (results agree within the solver's tolerance).
+    """
 
     C: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1, 1.0])
     max_iter: int = 2000
     pooling: Literal["avg", "catavgmax"] = "avg"
+    solver: Literal["auto", "sklearn", "torch"] = "auto"
+    tol: float = 1e-4
+    class_weight: Optional[Literal["balanced"]] = _CLASS_WEIGHT
+    device: str = _speed("auto")
+    in_memory_gb: float = _speed(4.0)
 
     def validate(self, prefix: str) -> None:
         if not self.C:
@@ -170,11 +187,17 @@ class LogregConfig:
         for c in self.C:
             _check_range(f"{prefix}.C", c, 0.0, low_open=True)
         _check_range(f"{prefix}.max_iter", self.max_iter, 1, MAX_ITER)
+        _check_range(f"{prefix}.tol", self.tol, 0.0, 1.0, low_open=True)
+        _check_range(f"{prefix}.in_memory_gb", self.in_memory_gb, 0.0, MAX_MEMORY_GB)
 
 
 @dataclasses.dataclass(frozen=True)
 class MlpConfig:
-    """Torch head on concat pooling [avg, max] of BN-Dropout-Linear-ReLU blocks, early-stopped on val."""
+    """Torch head on concat pooling [avg, max] of BN-Dropout-Linear-ReLU blocks, early-stopped on val.
+
+    `class_weight: balanced` weighs the loss by n / (K n_k) per class. `device` (auto: the GPU when present) and
+    `in_memory_gb` (above it, mini-batches are read from the HDF5 file in shuffled blocks) are speed only.
+    """
 
     hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
     dropout: float = 0.5
@@ -184,8 +207,12 @@ class MlpConfig:
     epochs: int = 100
     patience: int = 10
     seed: int = 0
+    class_weight: Optional[Literal["balanced"]] = _CLASS_WEIGHT
+    device: str = _speed("auto")
+    in_memory_gb: float = _speed(4.0)
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.in_memory_gb", self.in_memory_gb, 0.0, MAX_MEMORY_GB)
         for h in self.hidden:
             _check_range(f"{prefix}.hidden", h, 1, MAX_HIDDEN)
         _check_range(f"{prefix}.dropout", self.dropout, 0.0, 1.0)

@@ -1,4 +1,10 @@
-"""Logistic-regression head: StandardScaler + scikit-learn LogisticRegression, C chosen on val.
+"""Logistic-regression head: standardised features + L2 multinomial logistic regression, C chosen on val.
+
+Two solvers for the same objective (pipeline/core/heads/softmax.py writes it out): scikit-learn's
+StandardScaler + LogisticRegression (lbfgs, float64), the reference, for small data; and the torch L-BFGS solver for
+large data (float32, block by block, streamed from HDF5 when the features stay on disk, GPU when present, warm-started
+across the C sweep). `heads.logreg.solver: auto` picks by size (:data:`AUTO_TORCH_VALUES`); `sklearn` or `torch`
+forces one. tests/test_logreg.py checks that both reach the same model.
 
 The fitted model is stored as the equivalent torch `nn.Linear` with the scaler folded in
 (W' = W / sigma, b' = b - W' mu), so the fine-tune stage can warm-start from it and every later stage reads one
@@ -12,15 +18,32 @@ import logging
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
+from pipeline.core.features import StreamedInputs, input_blocks
+from pipeline.core.metrics import concat_scores, row_scores
 from pipeline.infra.config import LogregConfig
 from pipeline.infra.errors import PipelineError
+from pipeline.infra.runtime import resolve_device
 
 log = logging.getLogger("pipeline.logreg")
+
+# `solver: auto` uses scikit-learn up to this many training values (rows x features) and torch above: 20 M values
+# is ~16,000 rows of 1280 features, where scikit-learn's sweep still takes seconds on two cores and its float64
+# copies are ~0.5 GB. The default data (1,079 x 1280) stays on scikit-learn, the reference.
+AUTO_TORCH_VALUES = 20_000_000
+
+
+def resolve_solver(cfg: LogregConfig, rows: int, features: int) -> str:
+    """The solver `cfg.solver` means for a training set of `rows` x `features`."""
+    if cfg.solver != "auto":
+        return cfg.solver
+    return "torch" if rows * features > AUTO_TORCH_VALUES else "sklearn"
+
+
+def balanced_class_weight(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """n / (K n_k) per class: scikit-learn's `class_weight='balanced'`."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return len(labels) / (num_classes * np.maximum(counts, 1))
 
 
 def fold_scaler_into_linear(coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray,
@@ -43,28 +66,69 @@ def fold_scaler_into_linear(coef: np.ndarray, intercept: np.ndarray, mean: np.nd
     return layer
 
 
-def linear_from_pipeline(model: Pipeline) -> nn.Linear:
-    scaler: StandardScaler = model[0]
-    clf: LogisticRegression = model[-1]
+def linear_from_pipeline(model) -> nn.Linear:
+    """The folded layer of a fitted scikit-learn Pipeline(StandardScaler, LogisticRegression)."""
+    scaler, clf = model[0], model[-1]
     return fold_scaler_into_linear(clf.coef_, clf.intercept_, scaler.mean_, scaler.scale_)
 
 
-def fit_logreg(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-               cfg: LogregConfig, num_classes: int) -> tuple[nn.Linear, dict]:
-    """Fits one model per C, keeps the best on val (accuracy, then log loss, then the smaller C)."""
+@torch.no_grad()
+def _val_scores(layer: nn.Linear, x_val: np.ndarray | StreamedInputs, y_val: np.ndarray) -> tuple[float, float]:
+    """Val accuracy and mean cross-entropy of the stored (folded) layer, block by block."""
+    rows = concat_scores([row_scores(layer(torch.from_numpy(block)), torch.from_numpy(y_val[s:s + len(block)]))
+                          for s, block in input_blocks(x_val)])
+    return float((rows["predicted"] == y_val).mean()), float(rows["loss"].astype(np.float64).mean())
+
+
+def _sklearn_path(x_train: np.ndarray, y_train: np.ndarray, cfg: LogregConfig) -> dict[float, nn.Linear]:
+    from sklearn.linear_model import LogisticRegression  # imported only when this solver runs
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = {}
+    for c in cfg.C:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=cfg.max_iter, tol=cfg.tol,
+                                                                   class_weight=cfg.class_weight))
+        out[c] = linear_from_pipeline(model.fit(x_train, y_train))
+    return out
+
+
+def _torch_path(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, cfg: LogregConfig,
+                num_classes: int) -> dict[float, nn.Linear]:
+    from pipeline.core.heads.softmax import fit_softmax_path
+
+    device = resolve_device(cfg.device)
+    n, d = x_train.shape
+    # a GPU keeps in-memory features resident when they take at most half of its free memory
+    on_device = (device.type == "cuda" and not isinstance(x_train, StreamedInputs)
+                 and n * d * 4 < torch.cuda.mem_get_info(device)[0] // 2)
+    weights = balanced_class_weight(y_train, num_classes) if cfg.class_weight == "balanced" else None
+    path, mean, scale = fit_softmax_path(lambda: input_blocks(x_train), y_train, num_classes, d, list(cfg.C),
+                                         class_weight=weights, tol=cfg.tol, max_iter=cfg.max_iter, device=device,
+                                         on_device=on_device)
+    return {c: fold_scaler_into_linear(coef, intercept, mean, scale) for c, (coef, intercept, _) in path.items()}
+
+
+def fit_logreg(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.ndarray | StreamedInputs,
+               y_val: np.ndarray, cfg: LogregConfig, num_classes: int) -> tuple[nn.Linear, dict]:
+    """Fits one model per C, keeps the best on val (accuracy, then log loss, then the smaller C).
+
+    Inputs may be arrays or :class:`StreamedInputs` (then the torch solver reads them block by block).
+    """
     if len(np.unique(y_train)) != num_classes:
         raise PipelineError(f"train has {len(np.unique(y_train))} of {num_classes} classes; every class "
                          "needs train images")
+    solver = resolve_solver(cfg, *x_train.shape)
+    if solver == "sklearn" and isinstance(x_train, StreamedInputs):
+        raise PipelineError("heads.logreg.solver: sklearn needs the features in memory; raise "
+                            "heads.logreg.in_memory_gb or use solver: torch (or auto)")
+    log.info("logreg: %s solver on %d x %d", solver, *x_train.shape)
+    layers = (_sklearn_path(x_train, y_train, cfg) if solver == "sklearn"
+              else _torch_path(x_train, y_train, cfg, num_classes))
     results = []
     for c in cfg.C:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=cfg.max_iter))
-        model.fit(x_train, y_train)
-        logits = linear_from_pipeline(model)(torch.from_numpy(x_val)).detach()
-        acc = float((logits.argmax(1).numpy() == y_val).mean())
-        # unclipped cross-entropy of the stored layer: the same number the heads' metrics report
-        loss = float(F.cross_entropy(logits, torch.from_numpy(y_val).long()))
+        acc, loss = _val_scores(layers[c], x_val, y_val)
         log.info("logreg: C=%g val accuracy %.4f, log loss %.4f", c, acc, loss)
-        results.append({"C": c, "val_accuracy": acc, "val_loss": loss, "model": model})
+        results.append({"C": c, "val_accuracy": acc, "val_loss": loss})
     best = min(results, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["C"]))
-    search = [{k: v for k, v in r.items() if k != "model"} for r in results]
-    return linear_from_pipeline(best["model"]), {"C": best["C"], "search": search}
+    return layers[best["C"]], {"C": best["C"], "solver": solver, "search": results}

@@ -1,12 +1,15 @@
 """MLP head on concat pooling: fastai-style BN-Dropout-Linear-ReLU blocks, trained on cached features.
 
-Inputs are `[avg, max]` (2C). Training is full-feature-in-memory AdamW with early stopping on val loss; the best
-epoch's weights are kept. Seeded and deterministic on CPU.
+Inputs are `[avg, max]` (2C). AdamW with early stopping on val loss; the best epoch's weights are kept. Seeded and
+deterministic on CPU. On the GPU when present (`heads.mlp.device`); features in memory are shuffled row by row,
+features left on disk (over `heads.mlp.in_memory_gb`) are read in blocks of :data:`STREAM_BLOCK_ROWS` rows, the
+blocks in a shuffled order and the rows shuffled within each block, so memory stays one block whatever N.
 """
 from __future__ import annotations
 
 import copy
 import logging
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -15,10 +18,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.core.divergence import TrainingDivergedError, check_finite_loss
+from pipeline.core.features import StreamedInputs, input_blocks
+from pipeline.core.heads.logreg import balanced_class_weight
 from pipeline.infra.config import MlpConfig
-from pipeline.infra.runtime import progress_disabled, seed_everything, set_deterministic
+from pipeline.infra.runtime import progress_disabled, resolve_device, seed_everything, set_deterministic
 
 log = logging.getLogger("pipeline.mlp")
+
+# Rows per block read from HDF5 when streaming: 16 chunks of 256 rows, 42 MB of catavgmax float32 at 1280 channels.
+STREAM_BLOCK_ROWS = 4096
 
 
 class MlpHead(nn.Sequential):
@@ -38,15 +46,47 @@ class MlpHead(nn.Sequential):
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def _evaluate(model: nn.Module, x: np.ndarray | StreamedInputs, y: np.ndarray, device: torch.device,
+              weight: torch.Tensor | None) -> tuple[float, float]:
+    """(val loss, val accuracy) block by block; the loss is weighted like training's (class_weight)."""
     model.eval()
-    logits = model(x)
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+    loss_sum, weight_sum, correct = 0.0, 0.0, 0
+    for start, block in input_blocks(x):
+        yb = torch.from_numpy(y[start:start + len(block)]).long().to(device)
+        logits = model(torch.from_numpy(block).to(device))
+        w = torch.ones_like(yb, dtype=logits.dtype) if weight is None else weight[yb]
+        loss_sum += float((F.cross_entropy(logits, yb, reduction="none") * w).sum(dtype=torch.float64))
+        weight_sum += float(w.sum(dtype=torch.float64))
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / weight_sum, correct / len(y)
 
 
-def fit_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: MlpConfig,
-            num_classes: int) -> tuple[MlpHead, dict]:
-    """Trains the head; returns the best-on-val model (eval mode) and its training history.
+def _batches(x: np.ndarray | StreamedInputs | torch.Tensor, y: torch.Tensor, batch_size: int,
+             gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled (inputs, labels) mini-batches on the CPU.
+
+    In memory: one permutation of all rows (the order the head has always been trained in). Streamed: the blocks
+    in a random order, the rows of each block permuted; a batch never spans two blocks, so a block's remainder under
+    two rows is skipped (BatchNorm needs two) and rejoins the shuffle next epoch.
+    """
+    if not isinstance(x, StreamedInputs):
+        perm = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = perm[start:start + batch_size]
+            yield x[idx], y[idx]
+        return
+    starts = torch.randperm((len(x) + STREAM_BLOCK_ROWS - 1) // STREAM_BLOCK_ROWS, generator=gen) * STREAM_BLOCK_ROWS
+    for start, block in input_blocks(x, STREAM_BLOCK_ROWS, starts.tolist()):
+        xb, yb = torch.from_numpy(block), y[start:start + len(block)]
+        perm = torch.randperm(len(block), generator=gen)
+        for s in range(0, len(block), batch_size):
+            idx = perm[s:s + batch_size]
+            yield xb[idx], yb[idx]
+
+
+def fit_mlp(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.ndarray | StreamedInputs,
+            y_val: np.ndarray, cfg: MlpConfig, num_classes: int) -> tuple[MlpHead, dict]:
+    """Trains the head; returns the best-on-val model (eval mode, on the CPU) and its training history.
 
     Raises:
         TrainingDivergedError: a train or val loss became NaN/inf, or no epoch did better on val than the untrained
@@ -54,13 +94,17 @@ def fit_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     """
     set_deterministic()
     gen = seed_everything(cfg.seed)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
-    model = MlpHead(xt.shape[1], num_classes, cfg.hidden, cfg.dropout)
+    device = resolve_device(cfg.device)
+    xt = x_train if isinstance(x_train, StreamedInputs) else torch.from_numpy(x_train)
+    yt = torch.from_numpy(y_train).long()
+    model = MlpHead(x_train.shape[1], num_classes, cfg.hidden, cfg.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = None
+    if cfg.class_weight == "balanced":
+        weight = torch.from_numpy(balanced_class_weight(y_train, num_classes)).float().to(device)
     hint = _hint(cfg)
     # The untrained head's val loss is the bar: a run whose best epoch does not beat it learned nothing usable.
-    untrained_loss, _ = _evaluate(model, xv, yv)
+    untrained_loss, _ = _evaluate(model, x_val, y_val, device, weight)
     check_finite_loss(untrained_loss, "heads@mlp val loss of the untrained head", 0, hint)
     best = {"val_loss": float("inf"), "epoch": -1}
     best_state = copy.deepcopy(model.state_dict())
@@ -68,21 +112,20 @@ def fit_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
     bar = tqdm(range(cfg.epochs), desc="mlp", unit="epoch", disable=progress_disabled())
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for start in range(0, len(xt), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
+        for xb, yb in _batches(xt, yt, cfg.batch_size, gen):
+            if len(yb) < 2:  # BatchNorm needs two samples; the remainder joins the next epoch's shuffle
                 continue
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(xb), yb, weight=weight)
             check_finite_loss(loss.item(), "heads@mlp train loss", epoch, hint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        val_loss, val_acc = _evaluate(model, xv, yv)
+            total += loss.item() * len(yb)
+        val_loss, val_acc = _evaluate(model, x_val, y_val, device, weight)
         check_finite_loss(val_loss, "heads@mlp val loss", epoch, hint)
-        history.append({"epoch": epoch, "train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc})
+        history.append({"epoch": epoch, "train_loss": total / len(yt), "val_loss": val_loss, "val_accuracy": val_acc})
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch}
@@ -96,7 +139,7 @@ def fit_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
             f"heads@mlp never did better on val than its untrained weights (best val loss {best['val_loss']:.4g} at "
             f"epoch {best['epoch']}, untrained {untrained_loss:.4g}): training diverged; {hint}")
     model.load_state_dict(best_state)
-    return model.eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
+    return model.cpu().eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
 
 
 def _hint(cfg: MlpConfig) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 
-from pipeline.core.heads.logreg import fit_logreg
+from pipeline.core.heads.logreg import fit_logreg, resolve_solver
 from pipeline.core.heads.mlp import MlpHead, fit_mlp
 
 FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, int], "tuple[nn.Module, dict]"]
@@ -23,24 +23,29 @@ class HeadType:
         fit: fits on (x_train, y_train, x_val, y_val, config, num_classes); returns the module and fit details.
         build: an untrained module of the architecture a saved spec describes (to load weights into).
         architecture: spec entries beyond in/out sizes that `build` needs, from the config.
+        streams: whether `fit` can read (config, train rows, features) inputs block by block from the file
+            (StreamedInputs) instead of an array in memory.
     """
 
     pooling: Callable[[Any], str]
     fit: FitFn
     build: Callable[[dict], nn.Module]
     architecture: Callable[[Any], dict]
+    streams: Callable[[Any, int, int], bool]
 
 
 HEADS: dict[str, HeadType] = {
     # the scaler is folded into one Linear layer (pipeline/core/heads/logreg.py)
     "logreg": HeadType(pooling=lambda cfg: cfg.pooling, fit=fit_logreg,
                        build=lambda spec: nn.Linear(spec["in_features"], spec["num_classes"]),
-                       architecture=lambda cfg: {}),
+                       architecture=lambda cfg: {},
+                       streams=lambda cfg, n, d: resolve_solver(cfg, n, d) == "torch"),
     # always on concat pooling [avg, max]: max pooling is what a deeper head adds over the linear probe
     "mlp": HeadType(pooling=lambda cfg: "catavgmax", fit=fit_mlp,
                     build=lambda spec: MlpHead(spec["in_features"], spec["num_classes"], spec["hidden"],
                                                spec["dropout"]),
-                    architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout}),
+                    architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout},
+                    streams=lambda cfg, n, d: True),
 }
 
 

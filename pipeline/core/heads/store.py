@@ -15,9 +15,19 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.features import SplitFeatures, StaleFeaturesError, canonical_json, read_attrs, read_split
+from pipeline.core.features import (
+    SplitFeatures,
+    StaleFeaturesError,
+    StreamedInputs,
+    canonical_json,
+    input_blocks,
+    read_attrs,
+    read_inputs,
+    read_labels,
+    split_shape,
+)
 from pipeline.core.heads.registry import head_type
-from pipeline.core.metrics import split_metrics
+from pipeline.core.metrics import concat_scores, row_scores, summarize
 from pipeline.infra.artifacts import atomic_path, read_json, write_json
 from pipeline.infra.config import to_dict
 from pipeline.infra.errors import PipelineError
@@ -113,35 +123,65 @@ def check_head_features(head_dir: Path | str, spec: dict, attrs: dict, features:
                 f"{now!r}; the head is stale: run `dvc repro` to refit it on the current features")
 
 
+# Rows per forward pass when scoring: logits stay 4096 x K, and head_logits (in memory) and the streamed metrics cut
+# a split at the same rows, so both give the same bytes.
+SCORE_ROWS = 4096
+
+
 @torch.no_grad()
 def head_logits(module: nn.Module, spec: dict, feats: SplitFeatures) -> np.ndarray:
-    """The head's logits for cached features, on whichever device the head is."""
+    """The head's logits for cached features, on whichever device the head is, :data:`SCORE_ROWS` rows at a time."""
     device = next(module.parameters()).device
-    return module.eval()(torch.from_numpy(feats.inputs(spec["pooling"])).to(device)).cpu().numpy()
+    module.eval()
+    x = feats.inputs(spec["pooling"])
+    return np.concatenate([module(torch.from_numpy(x[s:s + SCORE_ROWS]).to(device)).cpu().numpy()
+                           for s in range(0, len(x), SCORE_ROWS)]) if len(x) else np.zeros((0, spec["num_classes"]),
+                                                                                             np.float32)
+
+
+@torch.no_grad()
+def stream_metrics(module: nn.Module, x: np.ndarray | StreamedInputs, labels: np.ndarray, num_classes: int) -> dict:
+    """Split metrics of a head over inputs in memory or on disk, one block of logits at a time."""
+    device = next(module.parameters()).device
+    module.eval()
+    rows = [row_scores(module(torch.from_numpy(block).to(device)), torch.from_numpy(labels[s:s + len(block)]))
+            for s, block in input_blocks(x, SCORE_ROWS)]
+    return summarize(labels, concat_scores(rows), num_classes)
+
+
+def _load_inputs(features: Path, split: str, pooling: str, in_memory: bool) -> np.ndarray | StreamedInputs:
+    shape = split_shape(features, split, pooling)
+    return read_inputs(features, split, pooling) if in_memory else StreamedInputs(features, split, pooling, shape)
 
 
 def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
-    """Fits head `name` with its config; returns the module, its spec and its metrics."""
+    """Fits head `name` with its config; returns the module, its spec and its metrics.
+
+    Only the pooling the head needs is read. Features up to `cfg.in_memory_gb` are read into one float32 array
+    (no other copy); larger ones stay in the file and are streamed block by block, when the head can stream.
+    """
     attrs = read_attrs(features)
-    train, val = read_split(features, "train"), read_split(features, "val")
-    if train is None or val is None:
-        raise PipelineError(f"{features} needs train and val splits; it has "
-                            f"{[s for s in ('train', 'val', 'test') if read_split(features, s) is not None]}")
-    classes = attrs["classes"]
     kind = head_type(name)
     pooling = kind.pooling(cfg)
-    x_train, x_val = train.inputs(pooling), val.inputs(pooling)
-    log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling)", name, len(x_train),
-             len(x_val), x_train.shape[1], pooling)
+    shapes = {s: split_shape(features, s, pooling) for s in ("train", "val", "test")}
+    if shapes["train"] is None or shapes["val"] is None:
+        raise PipelineError(f"{features} needs train and val splits; it has {[s for s, v in shapes.items() if v]}")
+    classes = attrs["classes"]
+    n, d = shapes["train"]
+    in_memory = n * d * 4 <= cfg.in_memory_gb * 2**30 or not kind.streams(cfg, n, d)
+    x_train, x_val = (_load_inputs(features, s, pooling, in_memory) for s in ("train", "val"))
+    y_train, y_val = read_labels(features, "train"), read_labels(features, "val")
+    log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling, %s)", name, n, len(y_val),
+             d, pooling, "in memory" if in_memory else f"streamed from {features}")
     t0 = time.perf_counter()
-    module, info = kind.fit(x_train, train.labels, x_val, val.labels, cfg, len(classes))
-    spec = {"head": name, "pooling": pooling, "in_features": int(x_train.shape[1]), "num_classes": len(classes),
+    module, info = kind.fit(x_train, y_train, x_val, y_val, cfg, len(classes))
+    spec = {"head": name, "pooling": pooling, "in_features": int(d), "num_classes": len(classes),
             "classes": classes, "config": to_dict(cfg), "fit": info,
             "features": {k: attrs.get(k) for k in FINGERPRINT_KEYS}}
     spec[BINDING_KEY] = class_binding(classes, spec["features"])
     spec.update(kind.architecture(cfg))
-    metrics = {"train": split_metrics(head_logits(module, spec, train), train.labels),
-               "val": split_metrics(head_logits(module, spec, val), val.labels)}
+    metrics = {"train": stream_metrics(module, x_train, y_train, len(classes)),
+               "val": stream_metrics(module, x_val, y_val, len(classes))}
     log.info("heads@%s: val accuracy %.4f (loss %.4f), train accuracy %.4f, %.1f s", name,
              metrics["val"]["accuracy"], metrics["val"]["loss"], metrics["train"]["accuracy"],
              time.perf_counter() - t0)
