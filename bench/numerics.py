@@ -113,6 +113,8 @@ def _prepare(root: Path, per_class: int | None, epochs: int) -> tuple[Path, Path
 
 
 def _cpu() -> str:
+    # The same as pipeline.infra.numerics.cpu_model, written again on purpose: importing `pipeline` here would write
+    # the portable pins into this process's environment, and the `native` runs below inherit it.
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
