@@ -142,7 +142,8 @@ def child_textbook(a: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.core.backbone import build_backbone, pool_avg_max
+    from pipeline.core.backbone import build_backbone
+    from pipeline.core.pooling import pool_avg_max
     from pipeline.infra.config import BackboneConfig
 
     device = torch.device(a.device)

@@ -62,13 +62,14 @@ def write_cache(path: Path, n: int, k: int, d: int, val_fraction: float, seed: i
     centres = rng.normal(size=(k, 64)).astype(np.float32) * 0.4
     with h5py.File(path, "w", track_order=True) as f:
         f.attrs["classes"] = json.dumps([f"c{i:04d}" for i in range(k)])
-        ranges = create_datasets(f, rows, d, "float32")
+        ranges = create_datasets(f, rows, {"avg": d, "max": d, "pre_logits": d}, "float32")
         for start in range(0, n, 16384):
             y = labels[start:start + 16384]
             latent = centres[y] + rng.normal(size=(len(y), 64)).astype(np.float32)
             avg = np.maximum(latent @ basis + 0.3 * rng.normal(size=(len(y), d)).astype(np.float32) + 0.2, 0)
             mx = avg * 2.0 + np.abs(rng.normal(size=avg.shape).astype(np.float32)) * 0.5
-            write_rows(f, ranges, start, avg.astype(np.float32), mx.astype(np.float32))
+            avg = avg.astype(np.float32)  # a CNN's pre_logits is its average pooling
+            write_rows(f, ranges, start, {"avg": avg, "max": mx.astype(np.float32), "pre_logits": avg})
 
 
 def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> dict:

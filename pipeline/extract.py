@@ -21,14 +21,19 @@ timestamps, fixed row order and attribute order).
 
     python -m pipeline.extract --params params.yaml --index data/prepared --out data/features.h5
     torchrun --nproc_per_node=4 -m pipeline.extract --index data/prepared --out data/features.h5
+    # the backbone sweep (dvc.yaml `sweep_extract`): another backbone, its speed and sizes in a metrics file
+    python -m pipeline.extract --backbone tf_efficientnet_lite1 --store none \
+        --out data/sweep/tf_efficientnet_lite1/features.h5 --summary metrics/sweep/tf_efficientnet_lite1/extract.json
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from pipeline.core.extraction import extract_features
 from pipeline.infra import runlog
+from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
@@ -42,10 +47,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder with index.csv and classes.json from prepare (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("data/features.h5"),
                         help="features file to write; checkpoints go to OUT.partial/ (default: %(default)s)")
+    parser.add_argument("--backbone", help="backbone.name for this run instead of params.yaml's (the sweep)")
+    parser.add_argument("--weights", help="backbone.weights for this run instead of params.yaml's (the sweep)")
+    parser.add_argument("--store", help="extract.store for this run ('none': off, so every row is timed)")
+    parser.add_argument("--summary", type=Path, help="write the speed and feature sizes to this JSON file")
     args = parser.parse_args(argv)
     backbone = load_section("backbone", args.params)
+    backbone = dataclasses.replace(backbone, name=args.backbone or backbone.name,
+                                   weights=args.weights or backbone.weights)
     cfg = load_section("extract", args.params)
+    if args.store is not None:
+        cfg = dataclasses.replace(cfg, store=None if args.store.lower() in ("none", "null") else args.store)
     summary = extract_features(args.index, args.out, backbone, cfg)
+    if args.summary is not None and summary["rank"] == 0:
+        write_json(args.summary, {
+            "backbone": backbone.name, "image_size": summary["backbone_config"]["image_size"],
+            "features_per_image": summary["widths"], "images": summary["rows"],
+            # machine-dependent: pipeline.verify reports the `speed` section and never compares it
+            "speed": {"img_per_s": round(summary["img_per_s"], 2), "seconds": round(summary["seconds"], 2),
+                      "device": summary["device"], "world_size": summary["world_size"]}})
     runlog.note(images=summary["rows"], images_extracted=summary["rows_extracted"],
                 images_resumed=summary["rows_resumed"],
                 images_reused=summary["rows_reused"], img_per_s=round(summary["img_per_s"], 2),

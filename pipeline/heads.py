@@ -1,8 +1,8 @@
 """Stage `heads@<name>`: fits one cheap head on the cached features only (never images, never the backbone).
 
-Heads: `logreg` (standardised L2 logistic regression on avg pooling by default: scikit-learn for small data, a
-torch L-BFGS solver for large data) and `mlp` (BN-Dropout-Linear-ReLU on concat pooling [avg, max]), both on the GPU
-when present. Only the pooling a head needs is read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module: `head.safetensors` (weights) + `head.json` (what to
+Heads: `logreg` (standardised L2 logistic regression: scikit-learn for small data, a torch L-BFGS solver for large
+data) and `mlp` (BN-Dropout-Linear-ReLU), both on the GPU when present; `pooling: auto` gives them avg and concat
+[avg, max] on CNN feature maps, the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module: `head.safetensors` (weights) + `head.json` (what to
 build, which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
 
     python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \
@@ -10,6 +10,7 @@ build, which pooling, which features it was fitted on), so later stages load eve
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.core.features import verify_features
@@ -30,10 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=Path, default=Path("data/prepared"),
                         help="prepare's output folder; when it exists, the features must come from its index.csv "
                              "(default: %(default)s)")
+    parser.add_argument("--backbone", help="backbone.name the features come from, instead of params.yaml's (sweep)")
+    parser.add_argument("--weights", help="backbone.weights the features come from, instead of params.yaml's")
     args = parser.parse_args(argv)
     cfg = getattr(load_section("heads", args.params), args.head)
+    backbone = load_section("backbone", args.params)
+    backbone = dataclasses.replace(backbone, name=args.backbone or backbone.name,
+                                   weights=args.weights or backbone.weights)
     # Refuse stale features (another backbone, preprocessing, precision, dtype or index) before fitting anything.
-    verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
+    verify_features(args.features, backbone, load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)
     runlog.note(head=args.head, device=str(resolve_device(cfg.device)), precision="fp32")
     module, spec, metrics = fit_head(args.head, args.features, cfg)

@@ -53,10 +53,11 @@ def test_enospc_in_atomic_writes_is_one_line_and_leaves_no_temporary(tmp_path):
 
         from pipeline.core.checkpoints import CheckpointWriter
 
-        writer = CheckpointWriter(small / "partial", [(0, 64)], 1280, "float32")
+        widths = {"avg": 1280, "max": 1280, "pre_logits": 1280}
+        writer = CheckpointWriter(small / "partial", [(0, 64)], widths, "float32")
         (small / "partial").mkdir()
         with pytest.raises(DiskFullError, match=r"rows-0000000000-0000000064.h5': it needs about"):
-            writer.add(np.arange(64), np.ones((64, 1280), np.float32), np.ones((64, 1280), np.float32))
+            writer.add(np.arange(64), {k: np.ones((64, w), np.float32) for k, w in widths.items()})
         assert not list((small / "partial").iterdir())
 
 
@@ -76,7 +77,7 @@ def test_extract_checks_free_space_before_any_work(tmp_path):
                               env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs"),
                                    "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert (f"extract: error: not enough free space for the features file (60 rows x 1,280 x 2 float32) and its "
+        assert (f"extract: error: not enough free space for the features file (60 rows x 3,840 float32) and its "
                 f"checkpoints '{out}': it needs about ") in proc.stderr
         assert "are free on its file system" in proc.stderr
         assert not list(small.glob("*.h5")) and not list(small.glob("*.partial/rows-*"))

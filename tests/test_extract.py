@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline.core import extraction as ex
 from pipeline.core import loader as loader_module
-from pipeline.core.backbone import ImageSizeError, build_backbone, pool_avg_max
+from pipeline.core.backbone import ImageSizeError, build_backbone
 from pipeline.core.dataset import read_index
 from pipeline.core.images import eval_transform, load_rgb
 from pipeline.core.loader import (
@@ -42,6 +42,7 @@ from pipeline.core.loader import (
     pil_pixels,
     strip_app1,
 )
+from pipeline.core.pooling import pool_avg_max
 from pipeline.infra.config import BackboneConfig, ConfigError, ExtractConfig, load_section
 
 BB32 = BackboneConfig(image_size=32)

@@ -161,8 +161,8 @@ def test_streamed_solver_equals_in_memory(tmp_path, monkeypatch):
     rows = [{"split": "train", "label": int(label), "id": i} for i, label in enumerate(y)]
     path = tmp_path / "features.h5"
     with h5py.File(path, "w") as f:  # the pipeline's own writer
-        ranges = create_datasets(f, rows, x.shape[1], "float32")
-        write_rows(f, ranges, 0, x, x * 2)
+        ranges = create_datasets(f, rows, {k: x.shape[1] for k in ("avg", "max", "pre_logits")}, "float32")
+        write_rows(f, ranges, 0, {"avg": x, "max": x * 2, "pre_logits": x})
     monkeypatch.setattr(feats, "READ_ROWS", 256)  # several blocks (and several HDF5 chunks per block)
     streamed = StreamedInputs(path, "train", "avg", split_shape(path, "train", "avg"))
     in_memory = read_inputs(path, "train", "avg")

@@ -35,6 +35,28 @@ def test_metrics_verdicts():
     assert compare_metrics({"val": {"accuracy": 0.93, "loss": 0.2}, "best_epoch": 4}, then, 0.01)[0] == DIFFERENT
 
 
+def test_speed_is_reported_never_compared():
+    """The sweep's extraction speed differs on every machine and run: it must not decide the verdict."""
+    then = {"lite0": {"val_accuracy": {"logreg": 0.9}, "speed": {"img_per_s": 120.0, "device": "cpu"}}}
+    now = {"lite0": {"val_accuracy": {"logreg": 0.9}, "speed": {"img_per_s": 9.5, "device": "cuda:0"}}}
+    assert compare_metrics(now, then, 0.01)[0] == SAME
+    worse = {"lite0": {"val_accuracy": {"logreg": 0.5}, "speed": {"img_per_s": 120.0, "device": "cpu"}}}
+    assert compare_metrics(worse, then, 0.01)[0] == DIFFERENT
+
+
+def test_metrics_files_of_foreach_and_matrix_stages(tmp_path: Path):
+    from pipeline.core.verification import _metrics_files
+
+    (tmp_path / "params.yaml").write_text("sweep:\n  backbones: [a, b]\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  heads:\n    foreach: [logreg, mlp]\n    do:\n      cmd: x\n      metrics:\n        - m/${item}.json\n"
+        "  sweep:\n    matrix:\n      backbone: ${sweep.backbones}\n      head: [logreg, mlp]\n    cmd: x\n"
+        "    metrics:\n      - s/${item.backbone}/${item.head}.json:\n          cache: false\n")
+    assert _metrics_files(tmp_path / "dvc.yaml", tmp_path / "params.yaml") == [
+        "m/logreg.json", "m/mlp.json", "s/a/logreg.json", "s/a/mlp.json", "s/b/logreg.json", "s/b/mlp.json"]
+
+
 def test_lock_verdicts():
     lock = {"stages": {"extract": {"outs": [{"path": "data/features.h5", "md5": "abc"}]}}}
     other = {"stages": {"extract": {"outs": [{"path": "data/features.h5", "md5": "abd"}]}}}

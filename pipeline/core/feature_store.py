@@ -8,7 +8,8 @@ not depend on its batch: pipeline/core/extraction.py). Removed images simply dro
 Layout: `<extract.store>/<key>/shard-*.h5`, `key` = the first 16 hex digits of the SHA-256 of the fingerprint
 (backbone, weights, preprocessing, precision, storage dtype, decoder, library versions, device type: everything a
 row's bits depend on; not the index, so rows survive index changes). Each shard holds `sha256` (the images' content
-hashes), `avg`, `max` and `digest` (SHA-256 of each row's avg and max bytes), with the fingerprint as an attribute.
+hashes), the feature sets (`avg`, `max`, `pre_logits`) and `digest` (SHA-256 of each row's feature bytes), with the
+fingerprint as an attribute.
 Shards are written whole under a temporary name and renamed, by whichever process computed the rows, so a killed run
 keeps what it finished. Nothing in a shard is trusted unchecked: a shard that cannot be read or was made with another
 fingerprint is reported in one line and ignored, and a row whose digest does not match is recomputed.
@@ -29,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.core.features import FEATURE_SETS
 from pipeline.infra.artifacts import atomic_path
 
 log = logging.getLogger("pipeline.extract")
@@ -41,10 +43,11 @@ def store_key(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def row_digest(avg: np.ndarray, mx: np.ndarray) -> bytes:
-    """SHA-256 (hex, as bytes) of one row's avg and max values in their storage dtype."""
-    digest = hashlib.sha256(np.ascontiguousarray(avg).tobytes())
-    digest.update(np.ascontiguousarray(mx).tobytes())
+def row_digest(*rows: np.ndarray) -> bytes:
+    """SHA-256 (hex, as bytes) of one row's feature sets (FEATURE_SETS order) in their storage dtype."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(np.ascontiguousarray(row).tobytes())
     return digest.hexdigest().encode()
 
 
@@ -89,33 +92,36 @@ class FeatureStore:
                 store.rows[h] = _Location(shard, i)
         return store
 
-    def read(self, hashes: list[str], channels: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(avg, max, ok) for the rows of `hashes`, in that order; `ok[i]` is False where a row's digest does not
+    def read(self, hashes: list[str], widths: dict[str, int],
+             dtype: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(feature sets, ok) for the rows of `hashes`, in that order; `ok[i]` is False where a row's digest does not
         match (damaged on disk): such rows must be recomputed."""
         by_shard: dict[Path, list[int]] = {}
         for i, h in enumerate(hashes):
             by_shard.setdefault(self.rows[h].shard, []).append(i)
-        avg, mx = np.zeros((len(hashes), channels), dtype), np.zeros((len(hashes), channels), dtype)
+        arrays = {k: np.zeros((len(hashes), widths[k]), dtype) for k in FEATURE_SETS}
         ok = np.ones(len(hashes), dtype=bool)
         for shard, positions in by_shard.items():
             wanted = np.array([self.rows[hashes[i]].row for i in positions])
             order = np.argsort(wanted)  # h5py reads rows by increasing index
             try:
                 with h5py.File(shard, "r") as f:
-                    a, m, d = (f[k][wanted[order]] for k in ("avg", "max", "digest"))
+                    got = {k: f[k][wanted[order]] for k in (*FEATURE_SETS, "digest")}
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("feature store: %s cannot be read (%s); recomputing its %d rows", shard,
                             str(exc).splitlines()[0], len(positions))
                 ok[positions] = False
                 continue
             targets = np.array(positions)[order]
-            avg[targets], mx[targets] = a, m
-            bad = [j for j in range(len(order)) if row_digest(a[j], m[j]) != bytes(d[j])]
+            for k in FEATURE_SETS:
+                arrays[k][targets] = got[k]
+            bad = [j for j in range(len(order))
+                   if row_digest(*(got[k][j] for k in FEATURE_SETS)) != bytes(got["digest"][j])]
             if bad:
                 log.warning("feature store: %d rows of %s do not match their digest (damaged on disk); recomputing "
                             "them", len(bad), shard)
                 ok[targets[bad]] = False
-        return avg, mx, ok
+        return arrays, ok
 
 
 class ShardWriter:
@@ -126,33 +132,33 @@ class ShardWriter:
         self.rows_per_shard = max(1, rows_per_shard)
         self.dtype = np.dtype(dtype)
         self._hashes: list[str] = []
-        self._avg: list[np.ndarray] = []
-        self._max: list[np.ndarray] = []
+        self._arrays: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_SETS}
         self.written = 0
 
-    def add(self, hashes: list[str], avg: np.ndarray, mx: np.ndarray) -> None:
+    def add(self, hashes: list[str], arrays: dict[str, np.ndarray]) -> None:
         self._hashes += hashes
-        self._avg.append(np.asarray(avg, dtype=self.dtype))  # the storage dtype, as in the features file
-        self._max.append(np.asarray(mx, dtype=self.dtype))
+        for k in FEATURE_SETS:  # the storage dtype, as in the features file
+            self._arrays[k].append(np.asarray(arrays[k], dtype=self.dtype))
         if len(self._hashes) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:
         if not self._hashes:
             return
-        avg, mx = np.concatenate(self._avg), np.concatenate(self._max)
+        arrays = {k: np.concatenate(v) for k, v in self._arrays.items()}
         self.store.folder.mkdir(parents=True, exist_ok=True)
         path = self.store.folder / f"shard-{uuid.uuid4().hex}.h5"
-        with atomic_path(path, 2 * avg.nbytes + (1 << 20)) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(path, sum(a.nbytes for a in arrays.values()) + (1 << 20)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["fingerprint"] = json.dumps(self.store.fingerprint, sort_keys=True)
             f.create_dataset("sha256", data=np.array([h.encode() for h in self._hashes], dtype="S64"))
-            f.create_dataset("avg", data=avg)
-            f.create_dataset("max", data=mx)
-            f.create_dataset("digest", data=np.array([row_digest(a, m) for a, m in zip(avg, mx)], dtype="S64"))
+            for k in FEATURE_SETS:
+                f.create_dataset(k, data=arrays[k])
+            digests = [row_digest(*(arrays[k][i] for k in FEATURE_SETS)) for i in range(len(self._hashes))]
+            f.create_dataset("digest", data=np.array(digests, dtype="S64"))
         for i, h in enumerate(self._hashes):
             self.store.rows[h] = _Location(path, i)
         self.written += len(self._hashes)
-        self._hashes, self._avg, self._max = [], [], []
+        self._hashes, self._arrays = [], {k: [] for k in FEATURE_SETS}
 
 
 def store_size(folder: Path) -> int:

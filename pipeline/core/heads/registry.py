@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 
+from pipeline.core.features import auto_pooling
 from pipeline.core.heads.logreg import fit_logreg, resolve_solver
 from pipeline.core.heads.mlp import MlpHead, fit_mlp
 
@@ -19,7 +20,7 @@ class HeadType:
     """One kind of head.
 
     Attributes:
-        pooling: the cached pooling the head reads, from its config (`avg` or `catavgmax`).
+        pooling: the cached pooling the head reads, from its config and the features' layout (`auto` resolved).
         fit: fits on (x_train, y_train, x_val, y_val, config, num_classes); returns the module and fit details.
         build: an untrained module of the architecture a saved spec describes (to load weights into).
         architecture: spec entries beyond in/out sizes that `build` needs, from the config.
@@ -27,21 +28,25 @@ class HeadType:
             (StreamedInputs) instead of an array in memory.
     """
 
-    pooling: Callable[[Any], str]
+    pooling: Callable[[Any, str], str]
     fit: FitFn
     build: Callable[[dict], nn.Module]
     architecture: Callable[[Any], dict]
     streams: Callable[[Any, int, int], bool]
 
 
+def _pooling(head: str, cfg: Any, layout: str) -> str:
+    return auto_pooling(head, layout) if cfg.pooling == "auto" else cfg.pooling
+
+
 HEADS: dict[str, HeadType] = {
     # the scaler is folded into one Linear layer (pipeline/core/heads/logreg.py)
-    "logreg": HeadType(pooling=lambda cfg: cfg.pooling, fit=fit_logreg,
+    "logreg": HeadType(pooling=lambda cfg, layout: _pooling("logreg", cfg, layout), fit=fit_logreg,
                        build=lambda spec: nn.Linear(spec["in_features"], spec["num_classes"]),
                        architecture=lambda cfg: {},
                        streams=lambda cfg, n, d: resolve_solver(cfg, n, d) == "torch"),
-    # always on concat pooling [avg, max]: max pooling is what a deeper head adds over the linear probe
-    "mlp": HeadType(pooling=lambda cfg: "catavgmax", fit=fit_mlp,
+    # auto: concat pooling [avg, max] on feature maps: max pooling is what a deeper head adds over the linear probe
+    "mlp": HeadType(pooling=lambda cfg, layout: _pooling("mlp", cfg, layout), fit=fit_mlp,
                     build=lambda spec: MlpHead(spec["in_features"], spec["num_classes"], spec["hidden"],
                                                spec["dropout"]),
                     architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout},

@@ -162,7 +162,7 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
     """
     attrs = read_attrs(features)
     kind = head_type(name)
-    pooling = kind.pooling(cfg)
+    pooling = kind.pooling(cfg, attrs.get("feature_layout", "NCHW"))
     shapes = {s: split_shape(features, s, pooling) for s in ("train", "val", "test")}
     if shapes["train"] is None or shapes["val"] is None:
         raise PipelineError(f"{features} needs train and val splits; it has {[s for s, v in shapes.items() if v]}")
