@@ -22,7 +22,7 @@ timestamps, fixed row order and attribute order).
     python -m pipeline.extract --params params.yaml --index data/prepared --out data/features.h5
     torchrun --nproc_per_node=4 -m pipeline.extract --index data/prepared --out data/features.h5
     # the backbone sweep (dvc.yaml `sweep_extract`): another backbone, its speed and sizes in a metrics file
-    python -m pipeline.extract --backbone tf_efficientnet_lite1 --store none \
+    python -m pipeline.extract --backbone tf_efficientnet_lite1 --store none \\
         --out data/sweep/tf_efficientnet_lite1/features.h5 --summary metrics/sweep/tf_efficientnet_lite1/extract.json
 """
 from __future__ import annotations

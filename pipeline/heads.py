@@ -2,11 +2,16 @@
 
 Heads: `logreg` (standardised L2 logistic regression: scikit-learn for small data, a torch L-BFGS solver for large
 data) and `mlp` (BN-Dropout-Linear-ReLU), both on the GPU when present; `pooling: auto` gives them avg and concat
-[avg, max] on CNN feature maps, the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module: `head.safetensors` (weights) + `head.json` (what to
-build, which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
+[avg, max] on CNN feature maps, the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is
+read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module:
+`head.safetensors` (weights) + `head.json` (what to build, which pooling, which features it was fitted on), so later
+stages load every head the same way, without pickle.
 
-    python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \
+    python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \\
         --metrics metrics/heads/logreg.json
+    # the backbone sweep (dvc.yaml `sweep_heads`): features of another backbone than params.yaml's
+    python -m pipeline.heads mlp --backbone tf_efficientnet_lite1 --features data/sweep/tf_efficientnet_lite1/features.h5 \\
+        --out models/sweep/tf_efficientnet_lite1/mlp --metrics metrics/sweep/tf_efficientnet_lite1/mlp.json
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ Layout (one group per split present in the index)::
     /<split>/labels      (N,)    int64 class index into the `classes` attribute
     /<split>/ids         (N,)    int64 row id in data/prepared/index.csv
 
-A head reads one pooling (pipeline/core/pooling.py: `avg`, `pre_logits`, or `catavgmax` = cat(avg, max), timm's
-order, not fastai's max-first); the fine-tuned network computes the same one.
+A head reads one pooling (`avg`, `pre_logits`, or `catavgmax` = cat(avg, max), timm's order, not fastai's max-first;
+:data:`POOLINGS`); the fine-tuned network computes the same one (pipeline/core/pooling.py).
 """
 from __future__ import annotations
 
