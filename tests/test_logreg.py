@@ -226,3 +226,24 @@ def test_warm_started_larger_c_is_solved_not_returned_as_is():
         probs = {name: torch.softmax(layer(torch.from_numpy(x)).double(), 1).numpy()
                  for name, layer in (("reference", reference), ("swept", swept))}
     np.testing.assert_allclose(probs["swept"], probs["reference"], atol=1e-2, rtol=0)
+
+
+def test_gradient_product_of_the_device_path_equals_the_cpu_path():
+    """The GPU branch of the gradient product (torch's addmm) computes what the CPU branch (numpy) does; it used to
+    call itself forever. Run here on CPU tensors with the device's type set to cuda, so no GPU is needed."""
+    from types import SimpleNamespace
+
+    from pipeline.core.heads.softmax import _Objective
+
+    rng = np.random.default_rng(0)
+    p = torch.from_numpy(rng.normal(size=(300, 7)).astype(np.float32))
+    x = torch.from_numpy(rng.normal(size=(300, 40)).astype(np.float32))
+    grads = {}
+    for kind in ("cpu", "cuda"):
+        objective = _Objective.__new__(_Objective)
+        objective.device = SimpleNamespace(type=kind)
+        grads[kind] = torch.zeros(7, 40)
+        objective._add_grad(grads[kind], p, x)
+    reference = p.double().T @ x.double()
+    for kind, g in grads.items():
+        torch.testing.assert_close(g.double(), reference, rtol=0, atol=1e-4, msg=kind)
