@@ -248,3 +248,30 @@ def test_mlp_fit_restores_thread_counts(tiny_cache):
     before = torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
     fit_head("mlp", tiny_cache["features"], load_section("heads", tiny_cache["params"]).mlp)
     assert (torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]) == before
+
+
+def test_split_metrics_equal_sklearn_with_absent_and_never_predicted_classes():
+    """The metrics are computed from the confusion matrix, not by scikit-learn: the same figures as its functions
+    when a class is absent from the split (balanced accuracy averages the present ones) and one is never predicted
+    (precision 0, zero_division=0)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 1, 2, 4, 5, 6], size=200)  # class 3 absent
+    logits = rng.normal(size=(200, 7)).astype(np.float32)
+    logits[np.arange(200), labels] += 1.5
+    logits[:, 6] -= 10.0  # class 6 never predicted
+    logits[0, 3] += 20.0  # one prediction of the absent class
+    m = split_metrics(logits, labels)
+    pred = logits.argmax(1)
+    assert 3 in pred and 6 not in pred
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        balanced = balanced_accuracy_score(labels, pred)
+    precision, recall, _, support = precision_recall_fscore_support(labels, pred, labels=range(7), zero_division=0)
+    assert m["balanced_accuracy"] == pytest.approx(balanced, rel=1e-12)
+    assert m["per_class"]["precision"] == [round(float(v), 6) for v in precision]
+    assert m["per_class"]["recall"] == [round(float(v), 6) for v in recall]
+    assert m["per_class"]["support"] == support.tolist()
