@@ -83,6 +83,8 @@ def set_dropout(repo: Path, value: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="head swaps to time (dropout values in turn)")
+    ap.add_argument("--dropouts", type=float, nargs="+", default=list(DROPOUTS),
+                    help="heads.mlp.dropout values to swap to, in turn (default: %(default)s)")
     ap.add_argument("--keep", type=Path, help="make the clone here and keep it (default: a temporary folder)")
     ap.add_argument("--reuse", type=Path, help="a clone kept by --keep that has run its full repro: time swaps only")
     args = ap.parse_args()
@@ -105,12 +107,13 @@ def main() -> None:
         print(f"  stages: {', '.join(stage_seconds(repo, since))}")
     swaps = []
     try:
-        for value in DROPOUTS[:args.repeats]:
+        for value in args.dropouts[:args.repeats]:
             set_dropout(repo, value)
             before, since = load(), history_len(repo)
-            wall, out = dvc(["repro", "select"], repo)
+            # --no-run-cache: a value tried before (an earlier --reuse run) would be restored, not refitted
+            wall, out = dvc(["repro", "--no-run-cache", "select"], repo)
             swaps.append(wall)
-            print(f"dvc repro select after heads.mlp.dropout={value}: {wall:.1f} s wall (ran {', '.join(stages_run(out))}; "
+            print(f"dvc repro --no-run-cache select after heads.mlp.dropout={value}: {wall:.1f} s wall (ran {', '.join(stages_run(out))}; "
                   f"load average before {before}, after {load()})")
             print(f"  stages: {', '.join(stage_seconds(repo, since))}")
     finally:
