@@ -215,3 +215,63 @@ def test_mlp_balanced_loss_is_sklearns_weighted_log_loss():
     expected = log_loss(y, probs, sample_weight=compute_sample_weight("balanced", y))
     assert loss == pytest.approx(expected, rel=1e-5)
     assert info["history"][info["best_epoch"]]["val_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_blas_linear_matches_torch_linear_values_and_gradients():
+    """The MLP's CPU training route (its Linear products through numpy's OpenBLAS) computes what F.linear and
+    autograd compute: outputs and the three gradients within float32 rounding of a 2560-term sum (reference: torch,
+    the same inputs in float64)."""
+    from pipeline.core.heads.mlp import _BlasLinear
+
+    rng = np.random.default_rng(0)
+    x0 = torch.from_numpy(rng.normal(size=(64, 2560)).astype(np.float32))
+    w0 = torch.from_numpy(rng.normal(size=(512, 2560)).astype(np.float32) / 50)
+    b0 = torch.from_numpy(rng.normal(size=512).astype(np.float32))
+    up = torch.from_numpy(rng.normal(size=(64, 512)).astype(np.float32))  # an upstream gradient
+
+    def run(fn, dtype):
+        x, w, b = (t.to(dtype).clone().requires_grad_() for t in (x0, w0, b0))
+        out = fn(x, w, b)
+        (out * up.to(dtype)).sum().backward()
+        return [t.detach().double() for t in (out, x.grad, w.grad, b.grad)]
+
+    ours = run(_BlasLinear.apply, torch.float32)
+    reference = run(torch.nn.functional.linear, torch.float64)
+    for name, a, r in zip(("output", "grad x", "grad w", "grad b"), ours, reference):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-4 * float(r.abs().max()), msg=name)
+
+
+def test_mlp_fit_restores_thread_counts(tiny_cache):
+    """The MLP trains on one thread (torch and BLAS) and gives the pinned counts back to the rest of the stage."""
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    fit_head("mlp", tiny_cache["features"], load_section("heads", tiny_cache["params"]).mlp)
+    assert (torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]) == before
+
+
+def test_split_metrics_equal_sklearn_with_absent_and_never_predicted_classes():
+    """The metrics are computed from the confusion matrix, not by scikit-learn: the same figures as its functions
+    when a class is absent from the split (balanced accuracy averages the present ones) and one is never predicted
+    (precision 0, zero_division=0)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 1, 2, 4, 5, 6], size=200)  # class 3 absent
+    logits = rng.normal(size=(200, 7)).astype(np.float32)
+    logits[np.arange(200), labels] += 1.5
+    logits[:, 6] -= 10.0  # class 6 never predicted
+    logits[0, 3] += 20.0  # one prediction of the absent class
+    m = split_metrics(logits, labels)
+    pred = logits.argmax(1)
+    assert 3 in pred and 6 not in pred
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        balanced = balanced_accuracy_score(labels, pred)
+    precision, recall, _, support = precision_recall_fscore_support(labels, pred, labels=range(7), zero_division=0)
+    assert m["balanced_accuracy"] == pytest.approx(balanced, rel=1e-12)
+    assert m["per_class"]["precision"] == [round(float(v), 6) for v in precision]
+    assert m["per_class"]["recall"] == [round(float(v), 6) for v in recall]
+    assert m["per_class"]["support"] == support.tolist()

@@ -6,8 +6,6 @@ block (:func:`row_scores` per block, :func:`summarize` once) without ever holdin
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,28 +31,25 @@ def summarize(labels: np.ndarray, rows: dict[str, np.ndarray], num_classes: int)
 
     Keys: `accuracy`, `loss` (mean cross-entropy), `balanced_accuracy` (mean recall over the classes present),
     `top5_accuracy` (only with more than 5 classes), and `per_class` with `precision`, `recall` and `support` lists
-    in class order (scikit-learn's; a class never predicted has precision 0).
+    in class order. The definitions are scikit-learn's `balanced_accuracy_score` and
+    `precision_recall_fscore_support(labels=range(K), zero_division=0)` (a class never predicted has precision 0),
+    computed here from the confusion matrix: importing sklearn.metrics costs ~1.3 s per stage, a quarter of a
+    head's refit on the default data (tests/test_heads.py checks every figure against scikit-learn's functions).
     """
-    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support  # only when scoring
-
     predicted = rows["predicted"]
-    precision, recall, _, support = precision_recall_fscore_support(
-        labels, predicted, labels=list(range(num_classes)), zero_division=0)
+    counts = confusion_matrix(labels, predicted, num_classes)
+    hits, support, times_predicted = np.diag(counts).astype(np.float64), counts.sum(1), counts.sum(0)
+    precision = np.divide(hits, times_predicted, out=np.zeros(num_classes), where=times_predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
     out = {"accuracy": float((predicted == labels).mean()),
            "loss": float(rows["loss"].astype(np.float64).mean()),
-           "balanced_accuracy": _balanced_accuracy(balanced_accuracy_score, labels, predicted)}
+           # a prediction of a class absent from this split is an ordinary error here: only present classes count
+           "balanced_accuracy": float(recall[support > 0].mean())}
     if num_classes > TOP_K:
         out["top5_accuracy"] = float(rows["top5"].mean())
     out["per_class"] = {"precision": [round(float(v), 6) for v in precision],
                         "recall": [round(float(v), 6) for v in recall], "support": [int(v) for v in support]}
     return out
-
-
-def _balanced_accuracy(score, labels: np.ndarray, predicted: np.ndarray) -> float:
-    # a prediction of a class absent from this split is an ordinary error here, not worth sklearn's warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(score(labels, predicted))
 
 
 def split_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> dict:

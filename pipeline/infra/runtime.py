@@ -1,4 +1,8 @@
-"""Process-level set-up shared by every stage: logging, seeds, determinism, device, and torchrun rank."""
+"""Process-level set-up shared by every stage: logging, seeds, determinism, device, and torchrun rank.
+
+numpy and torch are imported inside the functions that use them, not here: every stage imports this module (through
+pipeline/infra/runner.py), and a stage that never computes with torch (select) should not pay its ~3 s import.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +13,12 @@ import platform
 import random
 import sys
 from dataclasses import dataclass
-from typing import Iterator
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from pipeline.infra import numerics
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("pipeline")
 
@@ -55,15 +59,20 @@ def pin_torch_threads() -> None:
 
     OMP_NUM_THREADS set by the pin already does so when torch loads after it; this also covers a torch imported
     before `pipeline`, or a caller that changed the count since: the split of a reduction between threads changes
-    its rounding, so the count is part of the result. Native mode leaves torch's own choice.
+    its rounding, so the count is part of the result. Native mode leaves torch's own choice. A torch not imported yet
+    is left to load later (under the pin's OMP_NUM_THREADS), not imported here.
     """
     threads = numerics.STATUS.get("threads")
-    if threads and torch.get_num_threads() != threads:
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seeds Python, numpy and torch; returns a torch Generator for DataLoader shuffling and worker seeds."""
+    import numpy as np
+    import torch
+
     pin_torch_threads()
     random.seed(seed)
     np.random.seed(seed)
@@ -76,6 +85,8 @@ def seed_everything(seed: int) -> torch.Generator:
 def set_deterministic() -> None:
     """Deterministic kernels, TF32 off, no cuDNN autotuning and the pinned CPU thread count, so reruns give the
     same bytes on the same machine (and, with portable numerics, on other x86-64 CPUs)."""
+    import torch
+
     pin_torch_threads()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -85,8 +96,36 @@ def set_deterministic() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+@contextlib.contextmanager
+def single_threaded(enabled: bool = True) -> Iterator[None]:
+    """Runs the block with one torch intra-op thread and one BLAS thread (OpenBLAS, numpy's and scipy's); the
+    previous counts are restored after.
+
+    For loops of many small steps (a 64-row mini-batch through the MLP head): each torch kernel over more than 32,768
+    elements and each OpenBLAS call opens a parallel region whose threads must all be scheduled before it ends, which
+    costs more than the second thread saves at this size, and far more on a shared machine (measured there: 16 epochs
+    of the digits' MLP head 51-85 s with 2 threads, 7-11 s with 1). One fixed count is still portable numerics: the
+    same reduction splits, so the same bytes, on every machine.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency; only this function needs it
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks the local CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist_info().local_rank)
