@@ -257,14 +257,31 @@ def test_second_run_on_the_same_out_names_the_holder_and_ctrl_c_is_one_line(digi
     first = subprocess.Popen(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _second_run_and_interrupt(first, params, index, out, tmp_path)
+        _second_run_and_interrupt(first, params, index, out, tmp_path, blocker)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
 
 
-def _second_run_and_interrupt(first: subprocess.Popen, params: Path, index: Path, out: Path, tmp_path: Path) -> None:
+def _release_fifo(fifo: Path, proc: subprocess.Popen, seconds: float = 10.0) -> None:
+    """Opens and closes the FIFO's write end while `proc` is still blocked opening it for reading.
+
+    A signal sent to a process lands on any of its threads (OpenMP workers, tqdm's monitor); when it is not the main
+    thread, the main thread's blocking open() is never interrupted and the pending KeyboardInterrupt waits for the
+    syscall to return. A real file read always returns; the FIFO here stands in for a slow read, so it is released.
+    """
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while no reader has it open
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def _second_run_and_interrupt(first: subprocess.Popen, params: Path, index: Path, out: Path, tmp_path: Path,
+                              blocker: Path) -> None:
     deadline = time.monotonic() + 120
     while len(list(ex.partial_dir(out).glob("rows-*.h5"))) < 4:
         assert first.poll() is None, f"extract ended early:\n{first.stderr.read()}"
@@ -276,6 +293,8 @@ def _second_run_and_interrupt(first: subprocess.Popen, params: Path, index: Path
     assert f"extract: error: '{out}' is being written by another process (pid {first.pid} on " in second.stderr
     assert len(list(ex.partial_dir(out).glob("rows-*.h5"))) >= 2  # the second run touched nothing
     first.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the usual case: the main thread gets the signal and its open() returns EINTR at once
+    _release_fifo(blocker, first)
     _, err = first.communicate(timeout=60)
     assert first.returncode == 130 and "Traceback" not in err, err
     assert "extract: interrupted (Ctrl-C)" in err and not out.exists()
