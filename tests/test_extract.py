@@ -254,8 +254,11 @@ def test_second_run_on_the_same_out_names_the_holder_and_ctrl_c_is_one_line(digi
     out = tmp_path / "features.h5"
     params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
                           extract={"batch_size": 8, "workers": 0, "checkpoint_rows": 8})
+    # SIGINT's default action in the child, whatever this process inherited: a shell that starts a job in the
+    # background sets SIGINT to ignored, and Python then installs no handler, so Ctrl-C would never reach the run
     first = subprocess.Popen(_extract_cmd(params, index, out), env=_env(tmp_path), cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _second_run_and_interrupt(first, params, index, out, tmp_path, blocker)
     finally:
