@@ -84,6 +84,17 @@ def test_inputs_must_be_identical_whatever_the_cpu():
     assert verdicts(lock(lr=0.2), lock())["inputs: extract"] == SAME
 
 
+def test_a_dep_folder_holding_other_stages_outputs_is_not_an_input():
+    """compare depends on metrics/sweep/, the folder of the sweep stages' metrics (speed included): a fresh run on
+    another machine changes its hash, which must be judged with the outputs, not fail as changed inputs."""
+    def lock(folder_md5):
+        return {"stages": {
+            "sweep_extract@a": {"cmd": "x", "outs": [{"path": "metrics/sweep/a/extract.json", "md5": "m1"}]},
+            "compare": {"cmd": "c", "deps": [{"path": "metrics/sweep", "md5": folder_md5},
+                                             {"path": "pipeline/compare.py", "md5": "p1"}], "outs": []}}}
+    assert {k: v for k, v, _ in compare_inputs(lock("d2.dir"), lock("d1.dir"))}["inputs: compare"] == SAME
+
+
 def test_feature_verdicts(tiny_cache, tmp_path: Path):
     reference = tmp_path / "reference"
     record(tiny_cache["features"], reference)

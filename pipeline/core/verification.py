@@ -54,13 +54,21 @@ def compare_lock(current: dict, committed: dict) -> Iterator[tuple[str, str, str
                                               "the metrics and features below"
 
 
+def _overlaps(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` are the same, or one lies inside the other."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 def _inputs(lock: dict) -> dict[str, dict]:
     """{stage: its cmd, params and the hashes of deps that no stage writes (code, data source)}."""
     produced = set(_outs(lock))
     inputs = {}
     for stage, body in (lock.get("stages") or {}).items():
+        # a dep that is, lies inside, or holds another stage's output (compare's metrics/sweep folder) is a result,
+        # judged with the outputs, not an input
         deps = {d["path"]: d.get("md5") or d.get("hash", "") for d in body.get("deps", [])
-                if not any(d["path"] == o or d["path"].startswith(o.rstrip("/") + "/") for o in produced)}
+                if not any(_overlaps(d["path"], o) for o in produced)}
         inputs[stage] = {"cmd": body.get("cmd"), "params": body.get("params", {}), "deps": deps}
     return inputs
 
