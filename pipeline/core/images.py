@@ -8,25 +8,34 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from pipeline.core.backbone import Preprocess
 from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.infra.errors import PipelineError
 
+if TYPE_CHECKING:
+    from torchvision.transforms import InterpolationMode
+
 log = logging.getLogger("pipeline.data")
 
-_INTERPOLATION = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
+
+def _transforms():
+    """torchvision.transforms, imported when a transform is built: importing torchvision takes ~1.6 s here, which
+    what only reads an index (dataset.py's readers, the heads' stale-features check) should not pay."""
+    from torchvision import transforms
+
+    return transforms
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    modes = _transforms().InterpolationMode
+    return {"bilinear": modes.BILINEAR, "bicubic": modes.BICUBIC, "nearest": modes.NEAREST}[name]
 
 
 class BadImageError(PipelineError, OSError):
@@ -166,7 +175,8 @@ def geometry(pre: Preprocess) -> list[Callable]:
     - `squash`: both sides to `pre.resize` (aspect not kept), centre crop;
     - `border`: longer side to `pre.resize`, centre crop padded with the mean colour (the whole image is kept).
     """
-    interpolation = _INTERPOLATION[pre.interpolation]
+    T = _transforms()
+    interpolation = _interpolation(pre.interpolation)
     if pre.crop_mode == "squash":
         return [T.Resize((pre.resize, pre.resize), interpolation=interpolation), T.CenterCrop(pre.size)]
     if pre.crop_mode == "border":
@@ -178,13 +188,13 @@ def geometry(pre: Preprocess) -> list[Callable]:
 class _ResizeLonger:
     """Resizes a PIL image so its longer side is `size`, keeping the aspect ratio."""
 
-    def __init__(self, size: int, interpolation: T.InterpolationMode):
+    def __init__(self, size: int, interpolation: InterpolationMode):
         self.size, self.interpolation = size, interpolation
 
     def __call__(self, im: Image.Image) -> Image.Image:
         scale = self.size / max(im.size)
         target = [max(1, round(im.size[1] * scale)), max(1, round(im.size[0] * scale))]  # (h, w)
-        return T.functional.resize(im, target, interpolation=self.interpolation)
+        return _transforms().functional.resize(im, target, interpolation=self.interpolation)
 
 
 class _CenterCropOrPad:
@@ -198,12 +208,13 @@ class _CenterCropOrPad:
         if w < self.size or h < self.size:
             left, top = max(0, (self.size - w) // 2), max(0, (self.size - h) // 2)
             right, bottom = max(0, self.size - w - left), max(0, self.size - h - top)
-            im = T.functional.pad(im, [left, top, right, bottom], fill=self.fill)
-        return T.functional.center_crop(im, [self.size, self.size])
+            im = _transforms().functional.pad(im, [left, top, right, bottom], fill=self.fill)
+        return _transforms().functional.center_crop(im, [self.size, self.size])
 
 
 def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """Resize and crop (:func:`geometry`), normalise: the weights' own eval preprocessing."""
+    T = _transforms()
     return T.Compose([*geometry(pre), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
@@ -218,7 +229,8 @@ def train_transform(pre: Preprocess, augment: str, crop_scale: float,
     `resized_crop`: RandomResizedCrop keeping at least `crop_scale` of the image (zoom and aspect change): stronger,
     for data sets large enough to learn from it.
     """
-    interpolation = _INTERPOLATION[pre.interpolation]
+    T = _transforms()
+    interpolation = _interpolation(pre.interpolation)
     if augment == "shift":  # the eval geometry, with the crop at a random position
         steps = geometry(pre)
         steps[-1] = T.RandomCrop(pre.size, pad_if_needed=True, fill=tuple(round(255 * m) for m in pre.mean))

@@ -103,10 +103,10 @@ def _torch_path(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, cfg: 
     on_device = (device.type == "cuda" and not isinstance(x_train, StreamedInputs)
                  and n * d * 4 < torch.cuda.mem_get_info(device)[0] // 2)
     weights = balanced_class_weight(y_train, num_classes) if cfg.class_weight == "balanced" else None
-    # One thread on the CPU (torch and OpenBLAS), as the MLP: measured on the shared 2-core EPYC, 7 L-BFGS
-    # iterations on 18,000 x 1280, K = 100 took 7.0-7.9 s with the pinned 2 threads and 1.4-1.6 s with 1 (every
-    # parallel region waits for both threads to be scheduled). A fixed count: the same bytes on every machine.
-    with single_threaded(device.type == "cpu"):
+    # On the CPU torch's element-wise work runs on one thread and the products on OpenBLAS's pinned threads (see
+    # single_threaded: torch's spinning OpenMP workers otherwise take the cores from OpenBLAS). Fixed counts: the same
+    # bytes on every machine.
+    with single_threaded(device.type == "cpu", blas=False):
         path, mean, scale = fit_softmax_path(lambda: input_blocks(x_train), y_train, num_classes, d, list(cfg.C),
                                              class_weight=weights, tol=cfg.tol, max_iter=cfg.max_iter,
                                              device=device, on_device=on_device)
