@@ -275,3 +275,28 @@ def test_split_metrics_equal_sklearn_with_absent_and_never_predicted_classes():
     assert m["per_class"]["precision"] == [round(float(v), 6) for v in precision]
     assert m["per_class"]["recall"] == [round(float(v), 6) for v in recall]
     assert m["per_class"]["support"] == support.tolist()
+
+
+def test_fused_adamw_equals_torch_optim_adamw_fused_bitwise():
+    """The MLP's CPU optimizer (torch._fused_adamw_ called directly, without torch.optim's dynamo import) gives the
+    same bytes as torch.optim.AdamW(fused=True) over several steps, weight decay and all, a parameter without a
+    gradient left alone by both."""
+    from pipeline.core.heads.mlp import FusedAdamW
+
+    torch.manual_seed(0)
+    models = [MlpHead(12, 4, [8], 0.0) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    extra = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]  # never gets a gradient
+    opts = [torch.optim.AdamW([*models[0].parameters(), extra[0]], lr=3e-3, weight_decay=0.05, fused=True),
+            FusedAdamW([*models[1].parameters(), extra[1]], lr=3e-3, weight_decay=0.05)]
+    x, y = torch.randn(16, 12), torch.randint(0, 4, (16,))
+    for _ in range(5):
+        for model, opt in zip(models, opts):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(extra[0], extra[1]) and torch.equal(extra[1], torch.ones(3))
+    assert not torch.equal(models[1][-1].weight, MlpHead(12, 4, [8], 0.0)[-1].weight)  # it trained

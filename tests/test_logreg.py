@@ -247,3 +247,24 @@ def test_gradient_product_of_the_device_path_equals_the_cpu_path():
     reference = p.double().T @ x.double()
     for kind, g in grads.items():
         torch.testing.assert_close(g.double(), reference, rtol=0, atol=1e-4, msg=kind)
+
+
+def test_whitener_whitens_the_standardised_covariance():
+    """P = (S + r I)^(-1/2) for S the standardised features' covariance: P S P = S (S + r I)^-1 (they commute), so
+    correlated features come out white up to the ridge; P is symmetric (the gradient's chain rule uses P for P^T)."""
+    from pipeline.core.heads.softmax import WHITEN_RIDGE, _whitener, standardizer
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5000, 6)) @ rng.normal(size=(6, 6)) + 3).astype(np.float32)  # correlated features
+
+    def blocks():
+        return iter([(0, x[:2000]), (2000, x[2000:])])
+
+    mean, scale = standardizer(blocks, 6)
+    p = _whitener(blocks, len(x), mean, scale)
+    z = (x.astype(np.float64) - mean) / scale
+    s = z.T @ z / len(z)
+    assert np.abs(s - np.eye(6)).max() > 0.3  # the test data are correlated
+    ridge = WHITEN_RIDGE * np.trace(s) / 6
+    np.testing.assert_allclose(p, p.T, atol=1e-12)
+    np.testing.assert_allclose(p @ s @ p, s @ np.linalg.inv(s + ridge * np.eye(6)), atol=1e-8)

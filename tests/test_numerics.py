@@ -205,3 +205,15 @@ def test_another_cpu_gives_the_same_bytes_only_when_pinned(tiny_cache, tmp_path)
         "native mode under another CPU's settings gave the same heads: the test cannot tell pinned from not"
     assert "numerics: native" in (tmp_path / "native" / "stderr.txt").read_text()
     assert json.loads((tmp_path / "native" / "runs" / "heads.json").read_text())["numerics"]["mode"] == "native"
+
+
+def test_set_deterministic_turns_torch_deterministic_without_importing_the_inductor():
+    """set_deterministic gives what torch.use_deterministic_algorithms(True, warn_only=True) gives, in a fresh
+    process, without that call's ~1.1 s import of torch._inductor.config (a flag only torch.compile reads)."""
+    code = ("import sys, torch; from pipeline.infra.runtime import set_deterministic; set_deterministic(); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor.config' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "False"]

@@ -89,11 +89,25 @@ def set_deterministic() -> None:
 
     pin_torch_threads()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _use_deterministic_algorithms(torch)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def _use_deterministic_algorithms(torch) -> None:
+    """`torch.use_deterministic_algorithms(True, warn_only=True)` without its import of torch._inductor.config.
+
+    Why: that import costs ~1.1 s here (a third of the heads' head-swap stage) for one flag that only torch.compile
+    reads, and this project never compiles. The public call runs when the inductor is loaded already (its flag then
+    follows) or when torch lacks the private setter.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 @contextlib.contextmanager

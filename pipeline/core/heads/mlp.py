@@ -126,6 +126,40 @@ def _batches(x: np.ndarray | StreamedInputs | torch.Tensor, y: torch.Tensor, bat
             yield xb[idx], yb[idx]
 
 
+class FusedAdamW:
+    """`torch.optim.AdamW(params, lr, weight_decay, fused=True)` on the CPU: the same kernel (`torch._fused_adamw_`),
+    the same state and order of operations, so the same bytes (tests/test_heads.py checks it step by step).
+
+    Why not the class itself: torch.optim's optimizers import torch._dynamo on first use (~1.2 s here), a tenth of
+    the head-swap loop (`dvc repro select` after a heads.mlp change) for a 200 k-parameter head.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]  # as torch.optim: no grad, no step
+        if not live:
+            return
+        steps = [self.steps[i] for i in live]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_([self.params[i] for i in live], [self.params[i].grad for i in live],
+                            [self.exp_avgs[i] for i in live], [self.exp_avg_sqs[i] for i in live], [], steps,
+                            amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+                            weight_decay=self.weight_decay, eps=self.eps, maximize=False, grad_scale=None,
+                            found_inf=None)
+
+
 def fit_mlp(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.ndarray | StreamedInputs,
             y_val: np.ndarray, cfg: MlpConfig, num_classes: int) -> tuple[MlpHead, dict]:
     """Trains the head; returns the best-on-val model (eval mode, on the CPU) and its training history.
@@ -149,7 +183,8 @@ def _train(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.
     xt = x_train if isinstance(x_train, StreamedInputs) else torch.from_numpy(x_train)
     yt = torch.from_numpy(y_train).long()
     model = MlpHead(x_train.shape[1], num_classes, cfg.hidden, cfg.dropout).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=blas)
+    opt = (FusedAdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) if blas
+           else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
     weight = None
     if cfg.class_weight == "balanced":
         weight = torch.from_numpy(balanced_class_weight(y_train, num_classes)).float().to(device)
