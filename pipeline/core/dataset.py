@@ -18,10 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL
 from tqdm import tqdm
 
-from pipeline.core.images import BadImageError, load_rgb, set_max_aspect_ratio, set_max_image_pixels
 from pipeline.core.scan_cache import ScanCache
 from pipeline.infra.artifacts import read_csv_rows, sha256_file, write_csv, write_json
 from pipeline.infra.config import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, DataConfig
@@ -34,6 +32,8 @@ SPLITS = ("train", "val", "test")
 # Folder names read as the val split: val/ (torchvision tutorials), valid/ (fastai, Kaggle), validation/ (Keras).
 VAL_FOLDERS = ("val", "valid", "validation")
 IMAGE_SIZES_KEY = "image_sizes"  # classes.json: size statistics of the train images
+# pipeline.core.images (and PIL) are imported inside the functions that read images, not here: they
+# take ~0.4 s to import, which what only reads classes.json (the heads' stale-features check, a head swap) skips.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 INDEX_FIELDS = ("id", "path", "class", "label", "split", "sha256")
 DUPLICATE_FIELDS = ("sha256", "path", "class", "split")
@@ -322,6 +322,8 @@ def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASP
     if known is not None:
         size, reason = known
     else:
+        from pipeline.core.images import BadImageError, load_rgb  # see the note at IMAGE_SIZES_KEY
+
         try:
             size, reason = load_rgb(path, max_pixels, max_aspect).size, None
         except BadImageError as exc:
@@ -429,6 +431,8 @@ def scan(root: Path, cfg: DataConfig, cache_file: Path | None = None) -> ScanRes
         DataSourceError: the source is missing, not a folder, has no class subfolders, fewer than 2 usable classes,
             a class with no train images, or (with `data.on_bad_file: error`) any unusable file.
     """
+    import PIL  # see the note at IMAGE_SIZES_KEY
+
     split_dirs, class_names, candidates, skipped = _find_candidates(root, cfg.follow_links)
     cache = ScanCache.load(cache_file, {"max_image_pixels": cfg.max_image_pixels,
                                         "max_aspect_ratio": cfg.max_aspect_ratio, "pillow": PIL.__version__})
@@ -514,6 +518,8 @@ def read_index(index_dir: Path) -> tuple[list[dict[str, str]], dict]:
                               "`dvc repro prepare` (or `python -m pipeline.prepare`) first")
     rows = read_csv_rows(index_dir / "index.csv")  # undoes the formula escaping of class names and paths
     meta = json.loads((index_dir / "classes.json").read_text(encoding="utf-8"))
+    from pipeline.core.images import set_max_aspect_ratio, set_max_image_pixels  # see the note at IMAGE_SIZES_KEY
+
     set_max_image_pixels(meta.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     set_max_aspect_ratio(meta.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO))
     return rows, meta
