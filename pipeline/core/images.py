@@ -190,11 +190,12 @@ class _ResizeLonger:
 
     def __init__(self, size: int, interpolation: InterpolationMode):
         self.size, self.interpolation = size, interpolation
+        self._functional = _transforms().functional  # once here, not per image
 
     def __call__(self, im: Image.Image) -> Image.Image:
         scale = self.size / max(im.size)
         target = [max(1, round(im.size[1] * scale)), max(1, round(im.size[0] * scale))]  # (h, w)
-        return _transforms().functional.resize(im, target, interpolation=self.interpolation)
+        return self._functional.resize(im, target, interpolation=self.interpolation)
 
 
 class _CenterCropOrPad:
@@ -202,14 +203,15 @@ class _CenterCropOrPad:
 
     def __init__(self, size: int, fill: tuple[int, int, int]):
         self.size, self.fill = size, fill
+        self._functional = _transforms().functional  # once here, not per image
 
     def __call__(self, im: Image.Image) -> Image.Image:
         w, h = im.size
         if w < self.size or h < self.size:
             left, top = max(0, (self.size - w) // 2), max(0, (self.size - h) // 2)
             right, bottom = max(0, self.size - w - left), max(0, self.size - h - top)
-            im = _transforms().functional.pad(im, [left, top, right, bottom], fill=self.fill)
-        return _transforms().functional.center_crop(im, [self.size, self.size])
+            im = self._functional.pad(im, [left, top, right, bottom], fill=self.fill)
+        return self._functional.center_crop(im, [self.size, self.size])
 
 
 def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:

@@ -11,8 +11,9 @@ Why this solver beside scikit-learn's: the standardisation is folded into the pa
 V = W / sigma, c = b - V mu), so the features are never copied or standardised; the loss and its gradient are
 summed over row blocks, so memory is one block of logits whatever N, and the blocks can come from memory or straight
 from the HDF5 file; it runs in float32 (scikit-learn's lbfgs converts to float64: a second copy at twice the size),
-on the GPU when there is one; and each C of the sweep starts from the previous C's solution (C ascending: the more
-regularised problem is the easier one and lies on the way).
+on the GPU when there is one; each C of the sweep starts from the previous C's solution (C ascending: the more
+regularised problem is the easier one and lies on the way); and L-BFGS runs in whitened coordinates (W = u P, see
+`_whitener`), which leave the objective and its minimum as they are and shorten the path to it.
 """
 from __future__ import annotations
 
@@ -173,23 +174,25 @@ def fit_softmax_path(blocks: Blocks, labels: np.ndarray, num_classes: int, d: in
         c_reg = c * c_factor
         # a later C starts from the previous C's solution and must bring the gradient to 0.3x what the change of C
         # alone puts there, not merely below tol (see WARM_START_REDUCTION)
-        stop = _warm_stop(objective, w, b, c_reg, tol) if warm else None
-        iterations, evaluations = _lbfgs(objective, w, b, c_reg, stop or tol, max_iter)
+        stop, start_value = _warm_stop(objective, w, b, c_reg, tol) if warm else (None, None)
+        iterations, evaluations = _lbfgs(objective, w, b, c_reg, stop or tol, max_iter, start_value=start_value)
         warm = True
         if iterations >= max_iter:
             log.warning("logreg (torch): C=%g stopped at max_iter=%d before the gradient reached tol=%g", c,
                         max_iter, tol)
         log.info("logreg (torch): C=%g solved in %d iterations (%d evaluations over the data)", c, iterations,
-                 evaluations + (stop is not None))
+                 evaluations)
         out[c] = ((w @ precond).cpu().double().numpy(), b.detach().cpu().double().numpy().copy(), iterations)
     return out, mean, scale
 
 
-def _warm_stop(objective: _Objective, w: torch.Tensor, b: torch.Tensor, c_reg: float, tol: float) -> float:
+def _warm_stop(objective: _Objective, w: torch.Tensor, b: torch.Tensor, c_reg: float,
+               tol: float) -> tuple[float, float]:
     """The stopping gradient for a solve at `c_reg` warm-started from another C's solution (w, b): `tol`, or
-    :data:`WARM_START_REDUCTION` times the largest gradient component at (w, b), whichever is smaller."""
-    objective(w, b, c_reg)
-    return min(tol, WARM_START_REDUCTION * objective.grad_max)
+    :data:`WARM_START_REDUCTION` times the largest gradient component at (w, b), whichever is smaller; and f at
+    (w, b), whose gradient the evaluation left in w.grad and b.grad (L-BFGS starts from it, see :func:`_lbfgs`)."""
+    value = objective(w, b, c_reg)
+    return min(tol, WARM_START_REDUCTION * objective.grad_max), value
 
 
 # Rows of the whitener's covariance estimate at most (strided, so every part of the file is seen).
@@ -255,23 +258,27 @@ class _Converged(Exception):
 
 
 def _lbfgs(objective: _Objective, w: torch.Tensor, b: torch.Tensor, c_reg: float, tol: float,
-           max_iter: int) -> tuple[int, int]:
+           max_iter: int, start_value: float | None = None) -> tuple[int, int]:
     """Minimises the objective at `c_reg` from the current (w, b), in place; returns (iterations, evaluations).
 
     Stops at the first evaluated point where the largest component of the gradient in (W, b) is at most `tol`
     (scikit-learn's lbfgs criterion, whatever the preconditioner; warm starts pass the tighter :func:`_warm_stop`):
     torch's LBFGS would test the gradient in u instead, so its own test is off and the closure ends the solve. When
     that point is below what float32 sums resolve, L-BFGS's own stalls end the solve (loss or step change under
-    1e-12).
+    1e-12). `start_value`: f at the current (w, b), already evaluated (its gradient in w.grad, b.grad and
+    `objective.grad_max`): the first call of the closure returns it instead of another pass over the data.
     """
-    evaluations = 0
+    evaluations = 0 if start_value is None else 1
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=0.0,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        value = objective(w, b, c_reg)
+        nonlocal evaluations, start_value
+        if start_value is not None:  # (w, b) unchanged since that evaluation
+            value, start_value = start_value, None
+        else:
+            evaluations += 1
+            value = objective(w, b, c_reg)
         if objective.grad_max <= tol:
             raise _Converged  # inside the line search the parameters are at the point just evaluated
         return torch.tensor(value, dtype=torch.float64)
