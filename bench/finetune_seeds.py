@@ -6,6 +6,7 @@ variant of the `finetune` params and each seed the finetune and evaluate stages,
 
     python bench/finetune_seeds.py                                    # default data (data/digits), default params
     python bench/finetune_seeds.py --variant "lr=0.0003,warmup_epochs=1" --variant ""   # compare two settings
+    python bench/finetune_seeds.py --variant "swa_start=0,ema_decay=0.99"      # EMA instead of the tail average
     python bench/finetune_seeds.py --data ../shared/data/hymenoptera_data --image-size null --hflip
 """
 from __future__ import annotations
@@ -43,6 +44,26 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} (min {min(values):.4f}, max {max(values):.4f}, spread {max(values) - min(values):.4f})"
 
 
+def prepare_work(work: Path, data: Path, image_size: str | None = None, hflip: bool = False) -> None:
+    """params.yaml (this repo's, with the data and overrides) in `work`, then prepare, extract, both heads and
+    select there, once: the fine-tunes of every variant and seed start from the same head."""
+    work.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(data.resolve())
+    if image_size is not None:
+        params["backbone"]["image_size"] = yaml.safe_load(image_size)
+    if hflip:
+        params["finetune"]["hflip"] = True
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    if not (work / "selected.json").is_file():
+        _stage("pipeline.prepare", "--out", "prepared", cwd=work)
+        _stage("pipeline.extract", "--index", "prepared", "--out", "features.h5", cwd=work)
+        for head in ("logreg", "mlp"):
+            _stage("pipeline.heads", head, "--features", "features.h5", "--out", f"heads/{head}", "--metrics",
+                   f"heads/{head}.json", "--index", "prepared", cwd=work)
+        _stage("pipeline.select", "--metrics-dir", "heads", "--out", "selected.json", cwd=work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,21 +76,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="finetune overrides, e.g. 'lr=0.0003,warmup_epochs=1'")
     args = parser.parse_args()
     work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(args.data.resolve())
-    if args.image_size is not None:
-        params["backbone"]["image_size"] = yaml.safe_load(args.image_size)
-    if args.hflip:
-        params["finetune"]["hflip"] = True
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    if not (work / "selected.json").is_file():
-        _stage("pipeline.prepare", "--out", "prepared", cwd=work)
-        _stage("pipeline.extract", "--index", "prepared", "--out", "features.h5", cwd=work)
-        for head in ("logreg", "mlp"):
-            _stage("pipeline.heads", head, "--features", "features.h5", "--out", f"heads/{head}", "--metrics",
-                   f"heads/{head}.json", "--index", "prepared", cwd=work)
-        _stage("pipeline.select", "--metrics-dir", "heads", "--out", "selected.json", cwd=work)
+    prepare_work(work, args.data, args.image_size, args.hflip)
     print(f"# fine-tune seed spread: {args.data.name}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, seeds {args.seeds}")
     for text in args.variant or [""]:

@@ -5,8 +5,8 @@ Before any step it checks on val that backbone + head reproduce the head's own p
 a mismatch means the features, the preprocessing or the head conversion are not what the head was fitted on.
 Training (pipeline/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
 policy, an optional head-first phase, light augmentation, gradient clipping, bf16 autocast on request, early stopping
-and the best-on-val checkpoint. The warm start itself is epoch 0, so the saved model is never worse on val than the
-head it started from. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
+weight averaging (SWA or EMA), and the checkpoint of the last (or the best-on-val) epoch. The warm start itself is
+epoch 0 and is kept when no later epoch beats it on val, so the saved model is never worse on val than the head. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
 
     python -m pipeline.finetune                                   # one process (GPU if there is one)
     torchrun --nproc_per_node=4 -m pipeline.finetune              # DDP on 4 GPUs; rank 0 alone logs and saves

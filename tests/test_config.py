@@ -65,6 +65,9 @@ def test_wrong_types(tmp_path, text, expected):
     ("backbone:\n  image_size: 8\n", r"backbone.image_size = 8 is out of range; allowed: \[16, 4096\]"),
     ("heads:\n  logreg:\n    tol: 0\n", r"heads.logreg.tol = 0.0 is out of range; allowed: \(0.0, 1.0\]"),
     ("heads:\n  mlp:\n    in_memory_gb: -1\n", r"heads.mlp.in_memory_gb = -1.0 is out of range; allowed: \[0.0, "),
+    ("finetune:\n  swa_start: 1.0\n", r"finetune.swa_start = 1.0 is out of range; allowed: \[0.0, 1.0\)"),
+    ("finetune:\n  ema_decay: 0.99\n", r"finetune.ema_decay \(0.99\) and finetune.swa_start \(0.5\) are two ways"),
+    ("finetune:\n  patience: 2\n", r"finetune.patience \(2\) stops at the best val epoch, which finetune.select: last"),
 ])
 def test_out_of_range(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -233,7 +233,8 @@ def test_weight_average_is_what_is_validated_and_saved(fitted, tmp_path):
     selected = _select(fitted, tmp_path, "logreg")
     runs = {}
     for name, decay in (("plain", 0.0), ("ema", 0.5)):
-        params = _override(fitted["params"], tmp_path / f"{name}.yaml", ema_decay=decay, select="loss", epochs=3)
+        params = _override(fitted["params"], tmp_path / f"{name}.yaml", ema_decay=decay, swa_start=0.0,
+                           select="loss", epochs=3)
         runs[name] = finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected,
                                   tmp_path / name, tmp_path / f"{name}.json")
     rows, meta = read_index(fitted["index"])
@@ -251,3 +252,28 @@ def test_select_by_loss_keeps_the_lowest_val_loss_epoch():
     assert _better(0.89, 0.25, best, "loss") and not _better(0.89, 0.25, best, "accuracy")
     assert _better(0.91, 0.35, best, "accuracy") and not _better(0.91, 0.35, best, "loss")
     assert _better(0.90, 0.29, best, "accuracy")  # accuracy ties go to the lower loss
+    assert _better(0.10, 9.0, best, "last")  # `last`: every epoch replaces the one before
+
+
+@pytest.mark.parametrize("lr,kept", [(1e-3, "last"), (30.0, "start")])
+def test_select_last_keeps_the_final_epoch_unless_the_warm_start_is_better(fitted, tmp_path, lr, kept):
+    """`select: last` saves the final epoch's (averaged) network; a run that ends worse on val than the warm start
+    (a learning rate far too high, clipped so it stays finite) keeps the warm start, so the saved model is never
+    worse on val than the head. Either way the checkpoint's val score is the one the stage reported."""
+    from pipeline.core.dataset import read_index
+    from pipeline.core.evaluation import score_finetuned
+
+    selected = _select(fitted, tmp_path, "logreg")
+    params = _override(fitted["params"], tmp_path / "params.yaml", select="last", swa_start=0.5, epochs=2, lr=lr)
+    metrics = finetune_run(params, fitted["index"], fitted["features"], fitted["heads"], selected, tmp_path / "m",
+                           tmp_path / "f.json")
+    history = read_json(tmp_path / "m" / "model.json")["history"]
+    final = history[-1]
+    assert final["epoch"] == 2
+    worse = (final["val_accuracy"], -final["val_loss"]) < (history[0]["val_accuracy"], -history[0]["val_loss"])
+    assert worse == (kept == "start")
+    assert metrics["best_epoch"] == (0 if kept == "start" else 2)
+    rows, meta = read_index(fitted["index"])
+    saved = score_finetuned(tmp_path / "m", rows, meta["source"], ["val"]).metrics["val"]
+    assert saved["accuracy"] == pytest.approx(metrics["val"]["accuracy"])
+    assert saved["loss"] == pytest.approx(metrics["val"]["loss"], rel=1e-4)

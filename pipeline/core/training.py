@@ -5,8 +5,8 @@ Before any step it checks on val that backbone + head reproduce the head's own p
 a mismatch means the features, the preprocessing or the head conversion are not what the head was fitted on.
 Training (pipeline/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
 policy, an optional head-first phase, light augmentation, gradient clipping, bf16 autocast on request, early stopping
-and the best-on-val checkpoint. The warm start itself is epoch 0, so the saved model is never worse on val than the
-head it started from. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
+weight averaging (SWA or EMA), and the checkpoint of the last (or the best-on-val) epoch. The warm start itself is
+epoch 0 and is kept when no later epoch beats it on val, so the saved model is never worse on val than the head. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
 
     python -m pipeline.finetune                                   # one process (GPU if there is one)
     torchrun --nproc_per_node=4 -m pipeline.finetune              # DDP on 4 GPUs; rank 0 alone logs and saves
@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.core.averaging import WeightAverage
+from pipeline.core.averaging import make_average
 from pipeline.core.backbone import Preprocess, resolve_image_size
 from pipeline.core.dataset import read_image_sizes, read_index
 from pipeline.core.divergence import check_finite_loss
@@ -82,7 +82,10 @@ def _live(live_dir: Path | None, is_main: bool):
 
 
 def _better(accuracy: float, loss: float, best: dict, select: str) -> bool:
-    """Whether an epoch beats the best so far: by val accuracy (ties: lower loss), or by val loss alone."""
+    """Whether an epoch replaces the one kept so far: by val accuracy (ties: lower loss), by val loss alone, or
+    always (`last`: the warm start is weighed against the final epoch once training ends, see `finetune`)."""
+    if select == "last":
+        return True
     if select == "loss":
         return loss < best["val_loss"]
     return (accuracy, -loss) > (best["val_accuracy"], -best["val_loss"])
@@ -122,12 +125,13 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         model = DistributedDataParallel(net, find_unused_parameters=unused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # With averaging on, what is validated, selected and saved is the average, not the last step's weights.
-    average = WeightAverage(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    average = make_average(net, cfg, cfg.epochs * len(train_loader))
     scored = average.module if average is not None else net
     start = split_metrics(start_logits, val_labels)
     check_finite_loss(start["loss"], "finetune val loss of the warm start", 0, hint)
     best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    start_kept = (best, best_state)
     history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": start["accuracy"],
                 "val_loss": start["loss"]}]
     if live is not None:
@@ -179,6 +183,11 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
             log.info("finetune: early stop after epoch %d (best epoch %d)", epoch, best["epoch"])
             break
+    # `last` keeps the final epoch, but never a network worse on val than the head it started from.
+    if cfg.select == "last" and best["epoch"] > 0 and _better(start["accuracy"], start["loss"], best, "accuracy"):
+        log.info("finetune: the warm start scores better on val than epoch %d (accuracy %.4f vs %.4f): keeping it",
+                 best["epoch"], start["accuracy"], best["val_accuracy"])
+        best, best_state = start_kept
     return best_state, history, best
 
 

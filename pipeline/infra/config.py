@@ -54,14 +54,14 @@ class ConfigError(PipelineError, ValueError):
 
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
-                 low_open: bool = False) -> None:
+                 low_open: bool = False, high_open: bool = False) -> None:
     bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and value > high
+    bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {bracket}{lo}, {hi}]")
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {'(' if low_open else '['}{lo}, {hi}"
+                          f"{')' if high_open else ']'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +245,10 @@ class FinetuneConfig:
     a further factor `layer_decay` lower. `freeze_epochs`: a first phase training only the head (and BatchNorm under
     `bn: train`). `patience`: stop after this many epochs without a better val result (0: never).
     `warm_start: false` starts from a randomly initialised head instead (for comparisons; no parity check).
-    `ema_decay` > 0: validate and save an exponential moving average of the weights (pipeline/core/averaging.py).
-    `select`: which epoch's weights are kept: best val `accuracy` (ties: lower loss) or lowest val `loss`.
+    `ema_decay` > 0: validate and save an exponential moving average of the weights; `swa_start` > 0: the uniform
+    average of the weights from this fraction of the steps on (pipeline/core/averaging.py); not both.
+    `select`: which epoch's weights are kept: best val `accuracy` (ties: lower loss), lowest val `loss`, or the
+    `last` epoch's (unless the warm start scores better on val): no pick among noisy val scores.
     """
 
     epochs: int = 8
@@ -265,7 +267,8 @@ class FinetuneConfig:
     crop_scale: float = 0.7
     clip_grad_norm: float = 1.0
     ema_decay: float = 0.0
-    select: Literal["accuracy", "loss"] = "accuracy"
+    swa_start: float = 0.5
+    select: Literal["accuracy", "loss", "last"] = "last"
     precision: Literal["fp32", "bf16"] = "fp32"
     sync_bn: bool = False
     warm_start: bool = True
@@ -288,6 +291,13 @@ class FinetuneConfig:
         _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
         _check_range(f"{prefix}.clip_grad_norm", self.clip_grad_norm, 0.0)
         _check_range(f"{prefix}.ema_decay", self.ema_decay, 0.0, 0.9999)
+        _check_range(f"{prefix}.swa_start", self.swa_start, 0.0, 1.0, high_open=True)
+        if self.ema_decay > 0 and self.swa_start > 0:
+            raise ConfigError(f"{prefix}.ema_decay ({self.ema_decay:g}) and {prefix}.swa_start ({self.swa_start:g}) "
+                              "are two ways of averaging the weights: set one of them to 0")
+        if self.select == "last" and self.patience:
+            raise ConfigError(f"{prefix}.patience ({self.patience}) stops at the best val epoch, which "
+                              f"{prefix}.select: last does not keep: set patience to 0 or select to accuracy or loss")
         _check_range(f"{prefix}.workers", self.workers, 0, MAX_WORKERS)
         _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
         _check_range(f"{prefix}.parity_atol", self.parity_atol, 0.0, low_open=True)
