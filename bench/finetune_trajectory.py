@@ -18,10 +18,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from finetune_seeds import REPO, _parse_variant, prepare_work
+
+sys.path.insert(0, str(REPO))  # the pipeline package of this checkout, as the stages' PYTHONPATH gives them
 
 EMA_DECAYS = (0.99, 0.995, 0.998)
 SWA_STARTS = (0.5, 0.625)  # the last half and the last 3 of 8 epochs

@@ -30,9 +30,6 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-_save = save_figure
-
-
 CONFUSION_CELLS_MAX = 30  # up to this many classes every cell is labelled with its count; above, colour only
 
 
@@ -61,7 +58,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, classes: Sequence[str], title
     ax.set_ylabel("actual")
     ax.set_title(f"{title}\naccuracy {np.trace(matrix) / max(matrix.sum(), 1):.4f}", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def most_confused(matrix: np.ndarray, classes: Sequence[str], top: int = 10) -> list[list]:
@@ -84,7 +81,7 @@ def plot_heads(path: Path, ranking: list[dict]) -> None:
     ax.set_xlabel("val accuracy")
     ax.set_title("heads on cached features", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
@@ -102,7 +99,7 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax2.set_ylabel("val accuracy")
     fig.suptitle("fine-tune (epoch 0 = warm start from the head)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_misclassified(path: Path, images: list[np.ndarray], titles: list[str], header: str) -> None:
@@ -120,7 +117,7 @@ def plot_misclassified(path: Path, images: list[np.ndarray], titles: list[str], 
         axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     fig.suptitle(header, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _table(header: Sequence[str], rows: list[Sequence]) -> str:

@@ -6,7 +6,8 @@ a mismatch means the features, the preprocessing or the head conversion are not 
 Training (pipeline/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
 policy, an optional head-first phase, light augmentation, gradient clipping, bf16 autocast on request, early stopping
 weight averaging (SWA or EMA), and the checkpoint of the last (or the best-on-val) epoch. The warm start itself is
-epoch 0 and is kept when no later epoch beats it on val, so the saved model is never worse on val than the head. Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
+epoch 0 and is kept when that epoch does not beat it on val, so the saved model is never worse on val than the head.
+Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `dvc exp show`.
 
     python -m pipeline.finetune                                   # one process (GPU if there is one)
     torchrun --nproc_per_node=4 -m pipeline.finetune              # DDP on 4 GPUs; rank 0 alone logs and saves
