@@ -106,6 +106,7 @@ def _prepare(root: Path, per_class: int | None, epochs: int) -> tuple[Path, Path
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = str(root / "digits")
     params["finetune"]["epochs"] = epochs
+    params["extract"]["store"] = None  # every repeat extracts: rows reused from the feature store would time nothing
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(root / "params.yaml"), "--out",
                     str(root / "prepared")], env=env, cwd=REPO, check=True, capture_output=True)
