@@ -1,6 +1,6 @@
 """Why does the fine-tune swing with its seed? Val and test after every epoch, for the raw weights and for averages.
 
-One training run per seed (the fine-tune's own optimizer, schedule, augmentation and data order, with params.yaml's
+One training run per seed (the fine-tune's own steps, optimizer, schedule, augmentation and data order, with params.yaml's
 `finetune` section plus `--set` overrides); after each epoch it scores on val and test the raw weights, EMAs of
 several decays and uniform tail averages (SWA) from several starts, all updated from the same steps. Then, per
 averaging and per rule that picks the kept epoch (best val accuracy, lowest val loss, last), the test accuracy of
@@ -37,7 +37,6 @@ def _trajectory(work: Path, seed: int, overrides: dict) -> list[dict]:
     import numpy as np
     import torch
     import torch.nn as nn
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     from pipeline.core import training
@@ -48,7 +47,7 @@ def _trajectory(work: Path, seed: int, overrides: dict) -> list[dict]:
     from pipeline.core.images import ImageDataset, eval_transform
     from pipeline.core.metrics import split_metrics
     from pipeline.core.network import predict_logits
-    from pipeline.core.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
+    from pipeline.core.optim import make_optimizer, make_scheduler
     from pipeline.infra.config import load_section
     from pipeline.infra.runtime import dist_info, seed_everything, set_deterministic
 
@@ -82,20 +81,7 @@ def _trajectory(work: Path, seed: int, overrides: dict) -> list[dict]:
     history = [{"epoch": 0, "raw": start, **{k: start for k in averages}}]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loaders.train.dataset.set_epoch(epoch)
-        set_trainable(net, cfg, epoch)
-        net.train()
-        apply_bn_mode(net.body, cfg.bn)
-        for images, labels, _ in loaders.train:  # the stage's step (pipeline/core/training.py), fp32 on CPU
-            loss = F.cross_entropy(net(images.contiguous(memory_format=torch.channels_last)).float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
-            opt.step()
-            sched.step()
-            for average in averages.values():
-                average.update(net)
+        training.train_epoch(net, net, loaders.train, opt, sched, cfg, device, epoch, list(averages.values()))
         history.append({"epoch": epoch, "raw": score(net), **{k: score(a.module) for k, a in averages.items()}})
         raw = history[-1]["raw"]
         print(f"  seed {seed} epoch {epoch}: raw val {raw['val_acc']:.4f} test {raw['test_acc']:.4f} | "

@@ -26,7 +26,7 @@ import torch.nn as nn
 from pipeline.infra.config import FinetuneConfig
 
 
-class _Average:
+class WeightAverage:
     """A frozen copy of `net` (same device) that `update` moves towards the network after each optimizer step.
 
     Floating-point parameters and buffers are averaged; integer buffers (`num_batches_tracked`) are copied.
@@ -55,7 +55,7 @@ class _Average:
                 avg.copy_(value)
 
 
-class ExponentialAverage(_Average):
+class ExponentialAverage(WeightAverage):
     """EMA: average = decay x average + (1 - decay) x weights after each step."""
 
     def __init__(self, net: nn.Module, decay: float):
@@ -68,7 +68,7 @@ class ExponentialAverage(_Average):
         return 1.0 - self.decay
 
 
-class TailAverage(_Average):
+class TailAverage(WeightAverage):
     """Uniform average of the weights after each step from step `start` + 1 on (SWA); a copy of them before."""
 
     def __init__(self, net: nn.Module, start: int):
@@ -83,7 +83,7 @@ class TailAverage(_Average):
         return 1.0 / max(1, self.steps - self.start)  # the running mean: the n-th averaged step weighs 1/n
 
 
-def make_average(net: nn.Module, cfg: FinetuneConfig, total_steps: int) -> _Average | None:
+def make_average(net: nn.Module, cfg: FinetuneConfig, total_steps: int) -> WeightAverage | None:
     """The average `cfg` asks for over a run of `total_steps` optimizer steps, or None (no averaging)."""
     if cfg.ema_decay > 0:
         return ExponentialAverage(net, cfg.ema_decay)

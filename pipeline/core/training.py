@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.core.averaging import make_average
+from pipeline.core.averaging import WeightAverage, make_average
 from pipeline.core.backbone import Preprocess, resolve_image_size
 from pipeline.core.dataset import read_image_sizes, read_index
 from pipeline.core.divergence import check_finite_loss
@@ -103,6 +104,43 @@ def unused_parameters(net: nn.Module, x: torch.Tensor) -> list[str]:
     return [n for n, g in zip(trainable, grads) if g is None]
 
 
+def train_epoch(model: nn.Module, net: TransferNet, loader: DataLoader, opt: torch.optim.Optimizer, sched,
+                cfg: FinetuneConfig, device: torch.device, epoch: int,
+                averages: Sequence[WeightAverage] = ()) -> tuple[float, float, float]:
+    """One epoch of fine-tuning steps, with what trains in this epoch per `cfg`; every average in `averages` is
+    updated after each optimizer step. `model` runs the forward pass (`net`, or `net` inside DDP).
+
+    Returns this process's summed train loss, correct predictions and images seen.
+    """
+    loader.dataset.set_epoch(epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    set_trainable(net, cfg, epoch)
+    model.train()
+    apply_bn_mode(net.body, cfg.bn)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    total, correct, seen = 0.0, 0.0, 0.0
+    for images, labels, _ in tqdm(loader, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch",
+                                  disable=progress_disabled()):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
+        opt.step()
+        sched.step()
+        for average in averages:
+            average.update(net)
+        total += loss.item() * len(labels)
+        correct += float((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    return total, correct, seen
+
+
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
              ddp: bool = False) -> tuple[dict, list[dict], dict]:
@@ -124,7 +162,6 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         # DINOv2's mask token) would make DDP wait for their gradients forever: it must be told to look for them.
         unused = cfg.freeze_epochs > 0 or bool(unused_parameters(net, train_loader.dataset[0][0][None].to(device)))
         model = DistributedDataParallel(net, find_unused_parameters=unused)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # With averaging on, what is validated, selected and saved is the average, not the last step's weights.
     average = make_average(net, cfg, cfg.epochs * len(train_loader))
     scored = average.module if average is not None else net
@@ -140,32 +177,8 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         live.log_metric("val/loss", start["loss"])
         live.next_step()
     for epoch in range(1, cfg.epochs + 1):
-        train_loader.dataset.set_epoch(epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        set_trainable(net, cfg, epoch)
-        model.train()
-        apply_bn_mode(net.body, cfg.bn)
-        total, correct, seen = 0.0, 0.0, 0.0
-        for images, labels, _ in tqdm(train_loader, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch",
-                                      disable=progress_disabled()):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
-            opt.step()
-            sched.step()
-            if average is not None:
-                average.update(net)
-            total += loss.item() * len(labels)
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-        total, correct, seen = all_reduce_sum([total, correct, seen], device)
+        sums = train_epoch(model, net, train_loader, opt, sched, cfg, device, epoch, [average] if average else [])
+        total, correct, seen = all_reduce_sum(list(sums), device)
         check_finite_loss(total / max(seen, 1.0), "finetune train loss", epoch, hint)
         val = split_metrics(predict_logits(scored, val_loader, device, "val"), val_labels)
         check_finite_loss(val["loss"], "finetune val loss", epoch, hint)
