@@ -14,6 +14,7 @@ Per-epoch curves go to DVCLive (`dvclive/finetune`), for `dvc plots show` and `d
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from pipeline.core.images import ImageDataset, eval_transform, train_transform
 from pipeline.core.metrics import split_metrics
 from pipeline.core.network import TransferNet, predict_logits, save_checkpoint, warm_started
 from pipeline.core.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
+from pipeline.core.portable_conv import training_convolutions
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.config import BackboneConfig, ExtractConfig, FinetuneConfig, to_dict
@@ -104,11 +106,37 @@ def unused_parameters(net: nn.Module, x: torch.Tensor) -> list[str]:
     return [n for n, g in zip(trainable, grads) if g is None]
 
 
+def train_step(model: nn.Module, net: TransferNet, images: torch.Tensor, labels: torch.Tensor,
+               opt: torch.optim.Optimizer, sched, cfg: FinetuneConfig,
+               kernels: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward (under `kernels`, see :func:`training_convolutions`, and bf16 autocast when
+    asked), cross-entropy, backward, gradient clipping, AdamW and the schedule. Returns (loss, logits); the gradients
+    stay on the parameters until the next step.
+
+    The whole of what a fine-tune computes per batch, so tests/test_finetune_bytes.py can check its bytes against a
+    committed record.
+    """
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    with autocast, kernels:
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm > 0:
+        nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
+    opt.step()
+    sched.step()
+    return loss, logits
+
+
 def train_epoch(model: nn.Module, net: TransferNet, loader: DataLoader, opt: torch.optim.Optimizer, sched,
                 cfg: FinetuneConfig, device: torch.device, epoch: int,
-                averages: Sequence[WeightAverage] = ()) -> tuple[float, float, float]:
+                averages: Sequence[WeightAverage] = (),
+                kernels: contextlib.AbstractContextManager | None = None) -> tuple[float, float, float]:
     """One epoch of fine-tuning steps, with what trains in this epoch per `cfg`; every average in `averages` is
-    updated after each optimizer step. `model` runs the forward pass (`net`, or `net` inside DDP).
+    updated after each optimizer step. `model` runs the forward pass (`net`, or `net` inside DDP); `kernels` is the
+    context of each forward pass (None: :func:`training_convolutions`' choice; bench/finetune_kernels.py passes
+    `contextlib.nullcontext()` to time PyTorch's own kernels).
 
     Returns this process's summed train loss, correct predictions and images seen.
     """
@@ -118,21 +146,13 @@ def train_epoch(model: nn.Module, net: TransferNet, loader: DataLoader, opt: tor
     set_trainable(net, cfg, epoch)
     model.train()
     apply_bn_mode(net.body, cfg.bn)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    kernels = training_convolutions(device, cfg.precision) if kernels is None else kernels
     total, correct, seen = 0.0, 0.0, 0.0
     for images, labels, _ in tqdm(loader, desc=f"finetune {epoch}/{cfg.epochs}", unit="batch",
                                   disable=progress_disabled()):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad_norm)
-        opt.step()
-        sched.step()
+        loss, logits = train_step(model, net, images, labels, opt, sched, cfg, kernels)
         for average in averages:
             average.update(net)
         total += loss.item() * len(labels)
@@ -143,8 +163,10 @@ def train_epoch(model: nn.Module, net: TransferNet, loader: DataLoader, opt: tor
 
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
-             ddp: bool = False) -> tuple[dict, list[dict], dict]:
+             ddp: bool = False, kernels: contextlib.AbstractContextManager | None = None
+             ) -> tuple[dict, list[dict], dict]:
     """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record.
+    `kernels`: see :func:`train_epoch`.
 
     Raises:
         TrainingDivergedError: the warm start's val loss, an epoch's train loss (summed over every rank, so all
@@ -177,7 +199,8 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
         live.log_metric("val/loss", start["loss"])
         live.next_step()
     for epoch in range(1, cfg.epochs + 1):
-        sums = train_epoch(model, net, train_loader, opt, sched, cfg, device, epoch, [average] if average else [])
+        sums = train_epoch(model, net, train_loader, opt, sched, cfg, device, epoch, [average] if average else [],
+                           kernels)
         total, correct, seen = all_reduce_sum(list(sums), device)
         check_finite_loss(total / max(seen, 1.0), "finetune train loss", epoch, hint)
         val = split_metrics(predict_logits(scored, val_loader, device, "val"), val_labels)
@@ -247,8 +270,9 @@ def _start_network(backbone: BackboneConfig, cfg: FinetuneConfig, heads_dir: Pat
 
 def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: ExtractConfig, index_dir: Path,
                  features: Path, heads_dir: Path, selected: Path, out: Path, metrics_path: Path,
-                 live_dir: Path | None = None) -> dict:
+                 live_dir: Path | None = None, kernels: contextlib.AbstractContextManager | None = None) -> dict:
     """The fine-tune stage's work: warm start, parity check, training, checkpoint and metrics; returns the metrics.
+    `kernels`: see :func:`train_epoch` (None: the stage's own choice).
 
     Under torchrun every rank calls this; rank 0 alone logs to DVCLive and writes the checkpoint and metrics.
     """
@@ -284,7 +308,7 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
         live = _live(live_dir, rank.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # 2x on CPU: no page faults for activations
             best_state, history, best = finetune(net, loaders.train, loaders.val, loaders.val_labels, start_logits,
-                                                 cfg, device, live, ddp=rank.world_size > 1)
+                                                 cfg, device, live, ddp=rank.world_size > 1, kernels=kernels)
         if live is not None:
             live.end()
         metrics = {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],
