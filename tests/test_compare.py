@@ -31,7 +31,12 @@ def test_sweep_runs_per_backbone_reuses_unchanged_ones_and_reports(tmp_path: Pat
             fitted = json.loads((repo / "metrics" / "sweep" / name / f"{head}.json").read_text())
             assert sweep[name]["val_accuracy"][head] == fitted["val"]["accuracy"]
         assert sweep[name]["features_per_image"] == {"avg": 1280, "max": 1280, "pre_logits": 1280}
-        assert sweep[name]["image_size"] == 32 and sweep[name]["speed"]["img_per_s"] > 0
+        assert sweep[name]["image_size"] == 32 and "speed" not in sweep[name]  # speeds stay out of tracked files
+        extract = json.loads((repo / "metrics" / "sweep" / name / "extract.json").read_text())
+        assert "speed" not in extract
+        ran = json.loads((repo / "runs" / f"sweep_extract@{name}.json").read_text())  # the stage's own run record
+        assert ran["dvc_stage"] == f"sweep_extract@{name}" and ran["img_per_s"] > 0
+        assert f"| `{name}` | 32 px |" in (repo / "runs" / "sweep.md").read_text()
     # the sweep's Lite0 row is the main pipeline's: same features bytes, so the same heads to the last digit
     for head in ("logreg", "mlp"):
         main = json.loads((repo / "metrics" / "heads" / f"{head}.json").read_text())

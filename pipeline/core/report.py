@@ -1,8 +1,8 @@
 """Pictures and a human-readable report of a pipeline run, written by the evaluate stage.
 
-Everything here is a pure function of the run's artefacts (no host names, and no times but one: the backbone sweep's
-extraction speed, marked as this run's), so identical runs write identical bytes apart from that column; other times
-and machines are in the run log (`runs/`), which the report points to.
+Everything here is a pure function of the run's artefacts (no host names, no times, no speeds), so identical runs
+write identical bytes and a fresh `dvc repro` leaves `git status` clean; times, speeds and machines are in the run
+log (`runs/`), which the report points to.
 Figures are PNGs drawn with matplotlib's Agg backend and no metadata, for the same reason.
 """
 from __future__ import annotations
@@ -250,9 +250,9 @@ def _per_class_section(result: dict, split: str, worst: int = 10) -> list[str]:
 _HEADER = [
     "# Pipeline report",
     "",
-    "Written by the `evaluate` stage from the run's artefacts only. Wall times, machine and package versions of "
-    "each stage are in the run log, `runs/<stage>.json` (not tracked by DVC, so identical runs keep identical "
-    "`dvc.lock` files).",
+    "Written by the `evaluate` stage from the run's artefacts only. Wall times, speeds, machine and package versions "
+    "of each stage are in the run log, `runs/<DVC stage>.json` (not tracked by git or DVC, so identical runs keep "
+    "identical files).",
     "",
 ]
 _REPRODUCE = [

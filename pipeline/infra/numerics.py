@@ -22,7 +22,7 @@ What portable mode pins (the values override the environment's, so a stray `OPEN
 `PIPELINE_NUMERICS=native` turns all of it off, for speed (each library then chooses for this CPU). It is an
 environment variable, not a param, because it must act before the libraries load, before params.yaml is read.
 Where a pin cannot be honoured (not x86-64, a CPU without AVX2/FMA, or numpy/torch already imported when the pin ran)
-the status says why; stages log it in one line at start, and the run log (`runs/<stage>.json`) records it.
+the status says why; stages log it in one line at start, and the run log (`runs/`) records it.
 The pins are written to `os.environ`, so child processes inherit them (DataLoader workers, torchrun ranks, a
 `dvc repro` started from a pinned Python). A child meant to run native needs `PIPELINE_NUMERICS=native` *and* the
 pinned variables removed from its environment, as tests/test_numerics.py and bench/numerics.py do.

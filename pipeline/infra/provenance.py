@@ -2,21 +2,20 @@
 
 `pipeline.verify` prints it for both sides of its comparison, so a `within tolerance` or `different` verdict comes
 with its likely cause (another CPU, native numerics, TF32 on, bf16...). The current side is read from the run log
-(`runs/<stage>.json`, one record per stage, written by every stage run), or, where no stage has run here, from this
-process's own environment. The committed side is `reference/provenance.json`, which `verify --record` writes from
-the run log after a reference run and which is committed with the rest of `reference/`; verify reads it from git
-HEAD, like the committed metrics. It holds no times and no host names, so rerunning the reference run on the same
+(`runs/<DVC stage>.json`, written by each stage that `dvc repro` ran; a command run by hand never stands in for it),
+or, where no stage has run here, from this process's own environment. The committed side is
+`reference/provenance.json`, which `verify --record` writes from the run log after a reference run and which is
+committed with the rest of `reference/`; verify reads it from git HEAD, like the committed metrics. It holds no times and no host names, so rerunning the reference run on the same
 kind of machine rewrites it byte for byte; it is not a DVC output and no stage depends on it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.infra import runlog
 
-STAGES = ("extract", "heads", "finetune", "evaluate")  # the stages whose numbers verify compares
+STAGES = ("extract", "heads@logreg", "heads@mlp", "finetune", "evaluate")  # the DVC stages whose numbers verify compares
 LIVE = "live"  # the key of the verify process's own environment, where no stage has run here
 PACKAGES = ("torch", "numpy", "scikit-learn", "timm")
 ISA_ORDER = ("openblas", "numpy", "aten", "mkl", "onednn")  # a fixed order: the JSON file sorts its keys
@@ -59,9 +58,8 @@ def current(run_dir: Path | None = None) -> dict[str, Any]:
     folder = run_dir or runlog.run_dir()
     found = {}
     for stage in STAGES:
-        path = folder / f"{stage}.json"
-        if path.is_file():
-            found[stage] = summarize(json.loads(path.read_text()))
+        if (record := runlog.stage_record(stage, folder)) is not None:
+            found[stage] = summarize(record)
     if not found:
         # Nothing ran here: say what this machine would use. The libraries report their kernels only once loaded,
         # and loading them after `pipeline` (which pinned first) is what every stage does.

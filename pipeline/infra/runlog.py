@@ -1,8 +1,11 @@
 """The run log: environment and wall time of each stage run, in `runs/`, which DVC neither tracks nor depends on.
 
 Times, hosts and devices differ between identical runs; anything declared in `dvc.yaml` is hashed into `dvc.lock`,
-so they live here instead: `runs/<stage>.json` (the latest run of each stage) and `runs/history.jsonl` (every run).
-`PIPELINE_RUN_DIR` moves the folder. Stages add their own figures (images per second, epochs) with :func:`note`.
+so they live here instead, with every speed figure (images per second, seconds): `runs/<DVC stage>.json` (the
+latest run of each stage of dvc.yaml, named as DVC names it: `extract`, `heads@mlp`,
+`sweep_extract@tf_efficientnet_lite1`; DVC tells the command in `DVC_STAGE`), `runs/manual/<command>.json` (the
+latest run of a command started by hand, which never stands in for a stage's record) and `runs/history.jsonl`
+(every run). `PIPELINE_RUN_DIR` moves the folder. Stages add their own figures with :func:`note`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,23 @@ PACKAGES = ("torch", "torchvision", "torchcodec", "timm", "h5py", "numpy", "scik
 
 def run_dir() -> Path:
     return Path(os.environ.get("PIPELINE_RUN_DIR", "runs"))
+
+
+def record_path(command: str, folder: Path | None = None) -> Path:
+    """Where this process's record goes: the DVC stage's own file under `dvc repro`, `manual/` otherwise."""
+    folder = folder or run_dir()
+    stage = os.environ.get("DVC_STAGE")
+    return folder / f"{stage}.json" if stage else folder / "manual" / f"{command}.json"
+
+
+def stage_record(stage: str, folder: Path | None = None) -> dict[str, Any] | None:
+    """The latest record of DVC stage `stage` (e.g. `sweep_extract@tf_efficientnet_lite0`); None where it never ran
+    here under `dvc repro`."""
+    path = (folder or run_dir()) / f"{stage}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def note(**values: Any) -> None:
@@ -72,17 +92,18 @@ def environment() -> dict[str, Any]:
 
 def write_record(stage: str, started: float, seconds: float, status: str) -> dict[str, Any]:
     """Writes this stage run's record (rank 0 only under torchrun); returns it."""
-    record = {"stage": stage, "status": status, "seconds": round(seconds, 3),
+    record = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE"), "status": status, "seconds": round(seconds, 3),
               "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
               "argv": sys.argv[1:], "host": platform.node(), **environment(), **_NOTES}
     if int(os.environ.get("RANK", 0)) != 0:
         return record
     folder = run_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    path = record_path(stage, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, sort_keys=True, default=str)
-    tmp = folder / f".{stage}.json.tmp"
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text + "\n")
-    os.replace(tmp, folder / f"{stage}.json")
+    os.replace(tmp, path)
     with open(folder / "history.jsonl", "a") as f:
         f.write(text + "\n")
     return record

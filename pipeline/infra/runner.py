@@ -77,6 +77,6 @@ def run_main(main: Callable[[], None], stage: str) -> None:
         seconds = time.perf_counter() - t0
         if not {"-h", "--help"} & set(sys.argv[1:]):  # printing help is not a run
             runlog.write_record(stage, started, seconds, status)
-            log.info("%s: %s in %.1f s (run log: %s/%s.json)", stage,
+            log.info("%s: %s in %.1f s (run log: %s)", stage,
                      {"ok": "done", "interrupted": "interrupted"}.get(status, "failed"),
-                     seconds, runlog.run_dir(), stage)
+                     seconds, runlog.record_path(stage))
