@@ -1,8 +1,13 @@
 """Comparing this checkout's pipeline outputs with the committed ones: same bytes, within tolerance, or different.
 
-What is compared: the outputs' hashes in `dvc.lock` against the committed `dvc.lock` (git HEAD), every metrics file
-declared in `dvc.yaml` against its committed version, and the features file against `reference/features.json` +
-`reference/features.npz` (a fixed sample of rows).
+One verdict per artefact: each stage's inputs (command, params, code and source data in `dvc.lock`) and each output
+in `dvc.lock` against the committed `dvc.lock` (git HEAD).
+- `same`: identical bytes;
+- `within tolerance`: bytes differ where they cannot match (a GPU on either side, other package versions, numerics
+  not pinned: :func:`bytes_must_match` reads both sides' provenance), and the numbers agree within the bounds of
+  pipeline/core/tolerance.py (metrics files) or `allclose` (the feature sample in reference/);
+- `different`: anything else. On two pinned CPU runs with the same packages any byte that differs is `different`:
+  every kernel there is portable (README "Reproducing results").
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import numpy as np
 import yaml
 
 from pipeline.core.features import read_attrs, read_split, splits_in
+from pipeline.core.tolerance import Tolerances, differences, headline, split_sizes
 from pipeline.infra import provenance
 from pipeline.infra.artifacts import atomic_path, sha256_file, write_json
 from pipeline.infra.errors import PipelineError
@@ -38,20 +44,6 @@ def _outs(lock: dict) -> dict[str, str]:
         for out in body.get("outs", []):
             found[out["path"]] = out.get("md5") or out.get("hash", "")
     return found
-
-
-def compare_lock(current: dict, committed: dict) -> Iterator[tuple[str, str, str]]:
-    """Output hashes, stage by stage. Bytes that differ are not a verdict by themselves: last bits move between CPU
-    models where pinning cannot hold; the metrics and the feature sample (compared with tolerances) decide."""
-    now, then = _outs(current), _outs(committed)
-    for path in sorted(set(now) | set(then)):
-        if path not in then or path not in now:
-            yield f"dvc.lock: {path}", DIFFERENT, "present in only one of the two lock files"
-        elif now[path] == then[path]:
-            yield f"dvc.lock: {path}", SAME, ""
-        else:
-            yield f"dvc.lock: {path}", CLOSE, f"bytes differ (md5 {then[path][:12]} -> {now[path][:12]}); judged by " \
-                                              "the metrics and features below"
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -92,38 +84,40 @@ def compare_inputs(current: dict, committed: dict) -> Iterator[tuple[str, str, s
                                                        "run `dvc repro` and commit dvc.lock and the results)"
 
 
-def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
+def bytes_must_match(committed: dict | None, here: dict) -> tuple[bool, str]:
+    """Whether the two sides' outputs must be byte-identical, and why (or why not), from their provenance.
+
+    Portable numerics make every x86-64 CPU compute the same bytes with the same packages (the fine-tune included:
+    pipeline/core/portable_conv.py), so `different` is the only word for a difference there. Bytes cannot match,
+    and the tolerances apply, only where a side ran on a GPU, with other package versions, or without the pins.
+    """
+    if not committed:
+        return True, "no committed provenance: assuming the reference run was a pinned CPU run"
+    reasons = []
+    for stage in sorted(set(committed) & set(here)):
+        then, now = committed[stage], here[stage]
+        for side, summary in (("committed", then), ("here", now)):
+            if summary.get("gpu") or str(summary.get("device", "cpu")).startswith("cuda"):
+                reasons.append(f"{stage} ran on a GPU ({side})")
+            if not str(summary.get("numerics", "")).startswith("portable x86-64") or summary.get("not_pinned"):
+                reasons.append(f"{stage} numerics not pinned ({side}: {summary.get('numerics')})")
+        if then.get("packages") != now.get("packages"):
+            reasons.append(f"{stage} package versions differ")
+        if then.get("threads") != now.get("threads"):
+            reasons.append(f"{stage} thread counts differ")
+    if reasons:
+        return False, "; ".join(dict.fromkeys(reasons))
+    return True, "both sides CPU, portable numerics, same packages and threads"
 
 
-def _timing(key: str) -> bool:
-    """Machine-dependent measurements (the sweep's extraction speed) live under a `speed` key: reported, never
-    compared, since no two machines (or runs) time the same."""
-    return "speed" in key.split(".")
-
-
-def compare_metrics(current: dict, committed: dict, margin: float) -> tuple[str, str]:
-    """Floats within `margin` (absolute) are close; anything else that differs is different; `speed` is skipped."""
-    now = {k: v for k, v in _leaves(current).items() if not _timing(k)}
-    then = {k: v for k, v in _leaves(committed).items() if not _timing(k)}
-    if now == then:
-        return SAME, ""
-    worst, detail = 0.0, []
-    for key in sorted(set(now) | set(then)):
-        a, b = then.get(key), now.get(key)
-        if a == b:
-            continue
-        if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
-            worst = max(worst, abs(a - b))
-            detail.append(f"{key} {a:.4f} -> {b:.4f}")
-        else:
-            return DIFFERENT, f"{key}: {a!r} -> {b!r}"
-    return (CLOSE if worst <= margin else DIFFERENT), f"max |difference| {worst:.4g}: " + "; ".join(detail[:4])
+def compare_metrics(now: dict, then: dict, sizes: dict[str, int], tol: Tolerances, strict: bool
+                    ) -> tuple[str, str]:
+    """A metrics file whose bytes differ: `different` when bytes must match, else judged by :mod:`tolerance`."""
+    diffs = list(differences(now, then, sizes, tol))
+    if not diffs:  # same numbers, other bytes (key order, formatting)
+        return (DIFFERENT if strict else CLOSE), "same numbers, other bytes"
+    within = all(d[3] for d in diffs)
+    return (CLOSE if within and not strict else DIFFERENT), headline(diffs)
 
 
 def feature_sample(path: Path) -> dict[str, np.ndarray]:
@@ -216,22 +210,41 @@ def _items(stage: dict, values: dict) -> list[dict[str, Any]]:
     return [{}]
 
 
-def verify(features: Path, reference: Path, rtol: float, atol: float, margin: float) -> list[tuple[str, str, str]]:
-    results: list[tuple[str, str, str]] = []
+PURE_STAGES = ("embedded", "prepare")  # outputs no floating-point kernel touches: bytes must match everywhere
+
+
+def verify(features: Path, reference: Path, rtol: float, atol: float, tol: Tolerances
+           ) -> tuple[list[tuple[str, str, str]], str]:
+    """One verdict per stage input set and per output in dvc.lock; returns them and the line saying whether bytes
+    had to match (and why)."""
     committed_lock = _git_show("dvc.lock")
     if committed_lock is None:
         raise PipelineError("no committed dvc.lock at git HEAD to compare with; commit a reference run first")
     current, committed = yaml.safe_load(Path("dvc.lock").read_text()), yaml.safe_load(committed_lock)
-    results += list(compare_inputs(current, committed))
-    results += list(compare_lock(current, committed))
-    for path in _metrics_files(Path("dvc.yaml")):
-        then = _git_show(path)
-        if then is None or not Path(path).is_file():
-            results.append((path, DIFFERENT, "missing here or at git HEAD"))
-            continue
-        results.append((path, *compare_metrics(json.loads(Path(path).read_text()), json.loads(then), margin)))
-    if (reference / "features.json").is_file() and features.is_file():
-        results.append((str(features), *compare_features(features, reference, rtol, atol)))
-    else:
-        results.append((str(features), DIFFERENT, f"missing {features} or {reference}/features.json"))
-    return results
+    strict, why = bytes_must_match(committed_provenance(reference), provenance.current())
+    mode = f"bytes must match: {why}" if strict else f"bytes may differ ({why}): tolerances apply"
+    results = list(compare_inputs(current, committed))
+    metrics = set(_metrics_files(Path("dvc.yaml")))
+    documents = {p: (json.loads(Path(p).read_text()) if Path(p).is_file() else None,
+                     json.loads(text) if (text := _git_show(p)) else None) for p in metrics}
+    sizes = split_sizes(*(d for pair in documents.values() for d in pair if d))
+    stage_of = {path: stage for stage, body in (committed.get("stages") or {}).items()
+                for path in (o["path"] for o in body.get("outs", []))}
+    now, then = _outs(current), _outs(committed)
+    for path in sorted(set(now) | set(then)):
+        if path not in then or path not in now:
+            results.append((path, DIFFERENT, "present in only one of the two lock files"))
+        elif now[path] == then[path]:
+            results.append((path, SAME, ""))
+        elif path in documents and all(d is not None for d in documents[path]):
+            results.append((path, *compare_metrics(*documents[path], sizes, tol, strict)))
+        elif stage_of.get(path, "").split("@")[0] in PURE_STAGES:
+            results.append((path, DIFFERENT, "bytes differ in an output no numerics touch (data or code differ)"))
+        elif path == str(features) and (reference / "features.json").is_file():
+            verdict, detail = compare_features(features, reference, rtol, atol)
+            results.append((path, DIFFERENT if strict else verdict, detail))
+        else:
+            results.append((path, DIFFERENT if strict else CLOSE,
+                            f"bytes differ (md5 {then[path][:12]} -> {now[path][:12]})"
+                            + ("" if strict else "; its metrics decide")))
+    return results, mode
