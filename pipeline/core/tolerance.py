@@ -115,6 +115,9 @@ def differences(now: dict, then: dict, sizes: dict[str, int], tol: Tolerances
         x, y = a.get(key), b.get(key)
         if x == y:
             continue
+        if x is None or y is None:
+            yield key, x, y, False, "in one of the two files only"
+            continue
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
         kind = _kind(key) if numbers else "exact"
         if kind in ("proportion", "precision", "recall"):
