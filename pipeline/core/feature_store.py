@@ -14,8 +14,13 @@ Shards are written whole under a temporary name and renamed, by whichever proces
 keeps what it finished. Nothing in a shard is trusted unchecked: a shard that cannot be read or was made with another
 fingerprint is reported in one line and ignored, and a row whose digest does not match is recomputed.
 
-The store lives outside DVC's outputs (DVC sees a deterministic stage) and is never pruned: delete the folder to
-reclaim its space; the next extraction rebuilds it.
+Copies of one image (the same content hash several times in an index) are stored once and read once per read
+(h5py reads a list of rows only when it is strictly increasing). The store is a cache: nothing that happens inside
+it (an h5py error reading or writing a shard, a shard removed by another run) stops an extraction; the rows are
+recomputed and the features file is the same.
+
+The store lives outside DVC's outputs (DVC sees a deterministic stage). `extract.store_max_gb` caps it by removing
+the least recently used settings (pipeline/core/store_space.py); `python -m pipeline.store` lists and removes them.
 """
 from __future__ import annotations
 
