@@ -77,8 +77,8 @@ class DataConfig:
     `source`, which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
     scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
-    `scan_cache` (speed only): a file whose size and mtime are unchanged since the last prepare is not read again
-    (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
+    `scan_cache` (speed only): a file whose size, mtime, ctime and inode are unchanged since the last prepare is not
+    read again (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
     """
 
     source: str = "data/digits"
