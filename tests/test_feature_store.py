@@ -289,3 +289,27 @@ def test_an_error_writing_the_store_leaves_the_output_unchanged(tmp_path, grown,
     assert "this run adds no more rows to the store (the features file is not affected)" in caplog.text
     assert not list((tmp_path / "out" / "feature_store").glob("*/shard-*.h5"))
     assert sha256_file(out) == sha256_file(_fresh(tmp_path, src, "first", caplog))
+
+
+@pytest.mark.slow
+def test_bench_extract_with_its_cycled_larger_n_runs(tmp_path):
+    """bench/extract.py times the pipeline on N rows and again on a larger N that cycles the files (the same images
+    on many rows); the second run stopped in the store's read. Each timed run now sends every row through the
+    backbone (no store), and its index carries the files' real content hashes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "extract.py"), "--generate", "6", "--size", "64x48",
+                           "--n", "6", "--rss-n", "15", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+                           "--threads", "1", "--no-parts", "--device", "cpu", "--workdir", str(tmp_path / "work")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| pipeline, larger N (peak RSS check) | 15 |" in proc.stdout
+    assert not (tmp_path / "work" / "feature_store").exists()
+    import csv
+
+    with open(tmp_path / "work" / "index-15" / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({r["sha256"] for r in rows}) == 6 and all(len(r["sha256"]) == 64 for r in rows)
