@@ -313,3 +313,86 @@ def test_bench_extract_with_its_cycled_larger_n_runs(tmp_path):
     with open(tmp_path / "work" / "index-15" / "index.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len({r["sha256"] for r in rows}) == 6 and all(len(r["sha256"]) == 64 for r in rows)
+
+
+def _stage_env(tmp: Path) -> dict[str, str]:
+    import os
+
+    from conftest import REPO
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp / "runs"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_duplicate_images_under_torchrun_read_the_store_on_every_rank(tmp_path, grown, caplog):
+    """Two ranks, each reading its checkpoints' stored rows (copies of A and B among them) from one store: the file is
+    the from-scratch one."""
+    import subprocess
+    import sys
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    src, extra = grown
+    params = _params(tmp_path, _with_copies(src), checkpoint_rows=16)
+    _extract(tmp_path, params, "first", caplog)
+    for c in range(3):
+        for f in sorted((extra / str(c)).iterdir())[10:]:
+            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "second-prepared")])
+    out = tmp_path / "out" / "second.h5"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "pipeline.extract", "--params", str(params), "--index", str(tmp_path / "second-prepared"),
+                           "--out", str(out)], cwd=tmp_path, env=_stage_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    per_rank = re.findall(r"(\d+) rows reused from the feature store .*, (\d+) run through the backbone \(rank \d\)",
+                          proc.stderr)
+    assert per_rank and int(per_rank[0][0]) > 0  # rank 0's share came from the store (the other rank logs warnings only)
+    _same_features_per_content(out, _copies_apart(_index(tmp_path / "second-prepared")))
+    assert sha256_file(out) == sha256_file(_fresh(tmp_path, src, "second", caplog))
+
+
+@pytest.mark.slow
+def test_two_clones_share_one_store_through_dvc_repro_at_once(tmp_path):
+    """Two clones, one `extract.store` path, `dvc repro extract` in both at the same time, first on a folder with
+    copies of images and then after it grew: both runs succeed and write the from-scratch file."""
+    import subprocess
+    import sys
+
+    from conftest import dvc, dvc_env, make_dvc_repo
+
+    store = tmp_path / "shared_store"
+    images = _with_copies(write_digit_folder(tmp_path / "images", classes=3, per_class=10))
+    extra = write_digit_folder(tmp_path / "extra", classes=3, per_class=12)
+    clones = [make_dvc_repo(tmp_path / name, **{**TINY, "data": {**TINY["data"], "source": str(images)},
+                                                 "extract": {**TINY["extract"], "checkpoint_rows": 16,
+                                                             "store": str(store)}})
+              for name in ("one", "two")]
+
+    def repro_both() -> list[str]:
+        procs = [subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "extract"], cwd=c,
+                                  env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in clones]
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (o, e) in zip(procs, outs):
+            assert p.returncode == 0, e[-3000:]
+        return [e for _, e in outs]
+
+    repro_both()
+    first = {sha256_file(c / "data" / "features.h5") for c in clones}
+    assert len(first) == 1
+    for c in range(3):
+        for f in sorted((extra / str(c)).iterdir())[10:]:
+            shutil.copy2(f, images / str(c) / f"new-{f.name}")
+    logs = repro_both()
+    assert all("6 run through the backbone" in e or "rows reused" in e for e in logs)
+    grown = {sha256_file(c / "data" / "features.h5") for c in clones}
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    params = write_params(fresh / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": str(images)},
+                                                     "extract": {**TINY["extract"], "store": None}})
+    prepare.main(["--params", str(params), "--out", str(fresh / "prepared")])
+    extract.main(["--params", str(params), "--index", str(fresh / "prepared"), "--out", str(fresh / "f.h5")])
+    assert grown == {sha256_file(fresh / "f.h5")}
+    dvc(clones[0], "status")
