@@ -238,8 +238,8 @@ def _parts(a: argparse.Namespace) -> dict:
         steps = max(3, len(rows) // a.batch_size)
         t0 = time.perf_counter()
         for _ in range(steps):
-            avg, _mx = forward_pooled(net, x, a.precision == "bf16")
-        avg.cpu()
+            feats = forward_pooled(net, x, a.precision == "bf16")  # the three feature sets, as extraction gets them
+        feats["avg"].cpu()
         _sync(device)
     out["model_img_s"] = steps * a.batch_size / (time.perf_counter() - t0)
     return out

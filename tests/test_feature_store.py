@@ -303,10 +303,11 @@ def test_bench_extract_with_its_cycled_larger_n_runs(tmp_path):
 
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "extract.py"), "--generate", "6", "--size", "64x48",
                            "--n", "6", "--rss-n", "15", "--image-size", "32", "--batch-size", "4", "--workers", "0",
-                           "--threads", "1", "--no-parts", "--device", "cpu", "--workdir", str(tmp_path / "work")],
+                           "--threads", "1", "--device", "cpu", "--workdir", str(tmp_path / "work")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| pipeline, larger N (peak RSS check) | 15 |" in proc.stdout
+    assert "pipeline parts alone: input path " in proc.stdout  # the parts' model timing unpacked two feature sets
     assert not (tmp_path / "work" / "feature_store").exists()
     import csv
 
