@@ -107,15 +107,17 @@ def cycled(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
 
 
 def write_index(folder: Path, root: Path, classes: list[str], samples: list[tuple[str, int]]) -> Path:
-    """The two files `pipeline.prepare.read_index` reads, for exactly these samples (all in split 'train')."""
+    """The two files `pipeline.prepare.read_index` reads, for exactly these samples (all in split 'train'), with
+    each file's content hash as prepare writes it (a cycled list repeats files: the same hash on several rows)."""
     from pipeline.core.dataset import INDEX_FIELDS
 
     folder.mkdir(parents=True, exist_ok=True)
+    digests = {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in {p for p, _ in samples}}
     with open(folder / "index.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(INDEX_FIELDS)
         for i, (path, c) in enumerate(samples):
-            w.writerow((i, path, classes[c], c, "train", ""))
+            w.writerow((i, path, classes[c], c, "train", digests[path]))
     (folder / "classes.json").write_text(json.dumps({"classes": classes, "source": str(root)}))
     return folder
 
@@ -171,10 +173,13 @@ def child_pipeline(a: argparse.Namespace) -> dict:
     from pipeline.infra.config import BackboneConfig, ExtractConfig
 
     out = Path(a.out)
+    # store=None: a timed run must send every row through the backbone (the feature store would serve the repeated
+    # runs, and the cycled rows of the larger N, from disk)
     summary = extract_features(Path(a.index), out, BackboneConfig(name=a.model, weights="bundled",
                                                                   image_size=a.image_size),
                                ExtractConfig(precision=a.precision, dtype="float32", decode=a.decode,
-                                             batch_size=a.batch_size, workers=a.workers, device=a.device))
+                                             batch_size=a.batch_size, workers=a.workers, device=a.device,
+                                             store=None))
     size = out.stat().st_size
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     out.unlink()
@@ -233,8 +238,8 @@ def _parts(a: argparse.Namespace) -> dict:
         steps = max(3, len(rows) // a.batch_size)
         t0 = time.perf_counter()
         for _ in range(steps):
-            avg, _mx = forward_pooled(net, x, a.precision == "bf16")
-        avg.cpu()
+            feats = forward_pooled(net, x, a.precision == "bf16")  # the three feature sets, as extraction gets them
+        feats["avg"].cpu()
         _sync(device)
     out["model_img_s"] = steps * a.batch_size / (time.perf_counter() - t0)
     return out

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from pipeline.core.features import verify_features
-from pipeline.core.search import grid_points, parse_grid, run_search, set_command, write_results
+from pipeline.core.search import grid_points, parse_grid, point_config, run_search, set_command, write_results
 from pipeline.infra.config import HeadsConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     base = getattr(load_section("heads", args.params), args.head)
     grid = parse_grid(args.grid, base, f"heads.{args.head}")
     points = grid_points(grid, args.random, args.seed)
+    for point in points:  # every point valid (`dropout=` is a null dropout) before the features are even opened
+        point_config(base, point, f"heads.{args.head}")
     # Refuse stale features before fitting anything, as the heads stage does.
     verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)

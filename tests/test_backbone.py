@@ -221,3 +221,80 @@ def test_fixed_size_models_keep_their_size_under_auto_and_resize_position_embedd
     with torch.no_grad():
         tokens = net(torch.zeros(1, 3, 96, 96))
     assert pre.size == 96 and tuple(tokens.shape) == (1, 1 + 36, 192) and net.layout == "NLC"
+
+
+def _saved_folder(folder: Path) -> Path:
+    """A real `local-dir:` folder (timm's save_for_hf: config.json + model.safetensors) of a resnet18."""
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(timm.create_model("resnet18", pretrained=False), str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("no folder", r"FileNotFoundError: Config file not found"),
+    ("weights missing", r"RuntimeError: No suitable checkpoints found"),
+    ("weights truncated", r"SafetensorError: "),
+])
+def test_local_dir_folder_missing_or_damaged_is_one_line(tmp_path: Path, damage: str, reason: str):
+    from pipeline.core.weights import WeightsError
+
+    folder = _saved_folder(tmp_path / "folder")
+    weights = folder / "model.safetensors"
+    if damage == "no folder":
+        folder = tmp_path / "elsewhere"
+    elif damage == "weights missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    cfg = BackboneConfig(name=f"local-dir:{folder}", weights="hub", image_size=None)
+    with pytest.raises(WeightsError, match=rf"backbone.name 'local-dir:{folder}' cannot be loaded \({reason}.*"
+                                           r"the folder must hold timm's config.json and a readable weights file") as e:
+        build_backbone(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_hf_hub_name_without_network_is_one_line(monkeypatch):
+    """No network (HF_HUB_OFFLINE, as on an air-gapped machine; without it the Hub's client retries first) and
+    nothing cached: one line that says how to get it, not huggingface_hub's traceback."""
+    import huggingface_hub.constants
+
+    from pipeline.core.backbone import architecture_data_cfg
+    from pipeline.core.weights import WeightsError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match=r"backbone.name 'hf-hub:timm/no-such-model-anywhere' cannot be loaded "
+                                           r"\(.*connect to the network once .* local-dir:<folder>") as e:
+        architecture_data_cfg("hf-hub:timm/no-such-model-anywhere")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["no_such_backbone_v2", "local-dir"])
+def test_sweep_extraction_of_an_unknown_or_damaged_backbone_is_one_line(tmp_path: Path, name: str):
+    """The sweep's own command (dvc.yaml `sweep_extract`) with a typo in sweep.backbones, or a damaged local folder:
+    exit 2 and one line, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY, write_digit_folder, write_params
+
+    from pipeline import prepare
+
+    params = write_params(tmp_path / "params.yaml", **{**TINY, "data": {**TINY["data"], "source": str(
+        write_digit_folder(tmp_path / "digits", classes=2, per_class=4))}})
+    prepare.main(["--params", str(params), "--out", str(tmp_path / "prepared")])
+    if name == "local-dir":
+        folder = _saved_folder(tmp_path / "folder")
+        (folder / "model.safetensors").write_bytes(b"\0" * 100)
+        name = f"local-dir:{folder}"
+    out = tmp_path / "data" / "sweep" / "x" / "features.h5"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.extract", "--params", str(params), "--index",
+                           str(tmp_path / "prepared"), "--backbone", name, "--weights", "hub", "--store", "none",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and f"extract: error: backbone.name '{name}' " in errors[0]
+    assert not out.exists()

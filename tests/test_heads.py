@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -300,3 +301,46 @@ def test_fused_adamw_equals_torch_optim_adamw_fused_bitwise():
         assert torch.equal(a, b)
     assert torch.equal(extra[0], extra[1]) and torch.equal(extra[1], torch.ones(3))
     assert not torch.equal(models[1][-1].weight, MlpHead(12, 4, [8], 0.0)[-1].weight)  # it trained
+
+
+def _tiny_avg_max(tiny_cache) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import h5py
+
+    with h5py.File(tiny_cache["features"], "r") as f:
+        x = {s: np.concatenate([f[s]["avg"][...], f[s]["max"][...]], 1) for s in ("train", "val")}
+        return x["train"], f["train"]["labels"][...], x["val"], f["val"]["labels"][...]
+
+
+def test_mlp_on_random_labels_overfits_and_says_so_not_diverged(tiny_cache):
+    """Labels shuffled at random: the train loss goes down (the head memorises), val never beats the untrained head.
+    That is overfitting, worded as such with what to change; it used to say 'training diverged; lower lr'."""
+    from pipeline.core.divergence import TrainingOverfitError
+    from pipeline.core.heads.mlp import fit_mlp
+    from pipeline.infra.config import MlpConfig
+
+    xt, yt, xv, yv = _tiny_avg_max(tiny_cache)
+    rng = np.random.default_rng(0)
+    cfg = MlpConfig(hidden=[256], dropout=0.0, lr=3e-2, epochs=30, patience=5)
+    with pytest.raises(TrainingOverfitError) as e:
+        fit_mlp(xt, rng.permutation(yt), xv, rng.permutation(yv), cfg, 3)
+    text = str(e.value)
+    assert "never did better on val than its untrained weights" in text and "although its train loss went down" in text
+    assert "it overfits the train set" in text and "heads.mlp.dropout (now 0)" in text
+    assert "diverged" not in text and "\n" not in text
+    untrained, lowest = (float(v) for v in re.search(r"\(untrained ([\d.e+-]+), epoch 0 [\d.e+-]+, lowest ([\d.e+-]+)\)",
+                                                     text).groups())
+    assert lowest < untrained / 2  # the numbers in the message say the train loss went down
+
+
+def test_mlp_whose_train_loss_never_goes_down_diverged_and_says_so(tiny_cache):
+    """A step size so large that the train loss never gets below the untrained head's (finite all along): that is
+    divergence, and the message says the train loss did not go down and names lr."""
+    from pipeline.core.divergence import TrainingDivergedError
+    from pipeline.core.heads.mlp import fit_mlp
+    from pipeline.infra.config import MlpConfig
+
+    xt, yt, xv, yv = _tiny_avg_max(tiny_cache)
+    cfg = MlpConfig(hidden=[256], dropout=0.0, lr=300.0, epochs=30, patience=5)
+    with pytest.raises(TrainingDivergedError, match=r"and its train loss never went below the untrained head's .*"
+                                                    r"training diverged; lower heads.mlp.lr \(now 300\)"):
+        fit_mlp(xt, yt, xv, yv, cfg, 3)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -417,8 +418,8 @@ def test_scan_cache_rereads_only_new_or_modified_files(tmp_path, caplog):
     more = write_digit_folder(tmp_path / "more", classes=3, per_class=12)
 
     def counts() -> tuple[int, int, int]:
-        found = re.findall(r"prepare: (\d+) files unchanged since the last scan \(size and mtime\), (\d+) with "
-                           r"content seen before, (\d+) decoded", caplog.text)
+        found = re.findall(r"prepare: (\d+) files unchanged since the last scan \(size, mtime, ctime, "
+                           r"inode\), (\d+) with content seen before, (\d+) decoded", caplog.text)
         caplog.clear()
         return tuple(int(x) for x in found[-1])
 
@@ -439,3 +440,42 @@ def test_scan_cache_rereads_only_new_or_modified_files(tmp_path, caplog):
     assert "scan cache " in caplog.text and "cannot be read (JSONDecodeError); ignored" in caplog.text
     unchanged, known, decoded = counts()
     assert unchanged == 0 and known + decoded == 23 and decoded >= 22  # (the copy may find its twin decoded)
+
+
+@pytest.mark.parametrize("how", ["cp -p", "rsync -t", "touch -r"])
+def test_scan_cache_sees_a_same_size_replacement_with_its_mtime_kept(tmp_path, how):
+    """Another image of the same size put in place with the old modification time: `cp -p` (overwrites in place, same
+    inode), `rsync -t` (a temporary renamed over it: new inode) and `touch -r` (written, then its mtime set back).
+    Size and mtime match the cache, so its old content hash was reused; ctime and inode tell it apart."""
+    import hashlib
+
+    root = write_digit_folder(tmp_path / "digits", classes=2, per_class=10)
+    target = root / "0" / sorted(os.listdir(root / "0"))[0]
+    pixels = np.asarray(Image.open(target))
+    Image.fromarray(pixels).save(target, compress_level=0)  # stored, not deflated: the size depends on the pixel count
+    replacement = tmp_path / "replacement.png"
+    Image.fromarray(255 - pixels).save(replacement, compress_level=0)
+    assert replacement.stat().st_size == target.stat().st_size
+    assert replacement.read_bytes() != target.read_bytes()
+    out, _ = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    old = os.stat(target)
+    time.sleep(0.05)
+    if how == "cp -p":
+        os.utime(replacement, ns=(old.st_atime_ns, old.st_mtime_ns))  # as a backup made at the same moment
+        subprocess.run(["cp", "-p", str(replacement), str(target)], check=True)
+    elif how == "rsync -t":  # what rsync does: a temporary beside it, mtime set from the source, renamed into place
+        tmp = target.with_name(f".{target.name}.XyZ123")
+        shutil.copyfile(replacement, tmp)
+        os.utime(tmp, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(tmp, target)
+    else:
+        reference = tmp_path / "reference"
+        reference.touch()
+        os.utime(reference, ns=(old.st_atime_ns, old.st_mtime_ns))
+        shutil.copyfile(replacement, target)
+        subprocess.run(["touch", "-r", str(reference), str(target)], check=True)
+    new = os.stat(target)
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    out, _ = _run(tmp_path / "a", root, val_fraction=0.25, test_fraction=0.25)
+    rows = {r["path"]: r["sha256"] for r in _csv(out / "index.csv")}
+    assert rows[f"0/{target.name}"] == hashlib.sha256(replacement.read_bytes()).hexdigest()

@@ -73,3 +73,32 @@ def test_search_command_writes_one_table_and_the_best_params(tiny_cache, tmp_pat
                                                                         "heads.mlp"))
     assert float(table[3]["val_accuracy"]) == direct["val"]["accuracy"]
     assert float(table[3]["val_loss"]) == pytest.approx(direct["val"]["loss"], rel=1e-12)  # CSV's float text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--grid", "dropout=[0.2,"], r"--grid 'dropout=\[0.2,': the values are not valid YAML"),
+    (["--grid", "dropout"], r"--grid 'dropout': expected KEY=VALUES"),
+    (["--grid", "drop=[0.2]"], r"unknown key 'heads.mlp.drop'; allowed keys: hidden, "),
+    (["--grid", "dropout=[]"], r"--grid 'dropout=\[\]': no values"),
+    (["--grid", "dropout=[0.2,0.5]", "--random", "0"], r"--random 0: give the number of points to draw, 1 or more"),
+    (["--grid", "dropout=[0.2,0.5]", "--random", "-2"], r"--random -2: give the number of points"),
+    (["--grid", "dropout="], r"heads.mlp.dropout"),  # YAML's null: refused like params.yaml would
+])
+def test_a_grid_that_does_not_parse_names_the_problem_before_the_features_are_read(tmp_path, argv, message):
+    """Every one of these used to reach the features check (or fit zero points and crash in min()): the grid's own
+    problem is the error, whatever the state of the features file."""
+    from pipeline import search
+
+    with pytest.raises(ConfigError, match=message):
+        search.main(["mlp", *argv, "--features", str(tmp_path / "none.h5"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_points_from_the_command_line_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.search", "mlp", "--grid", "dropout=[0.2,0.5]", "--random",
+                           "0", "--features", str(tmp_path / "none.h5"), "--params", str(REPO / "params.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(tmp_path / "runs")},
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "search: error: --random 0: give the number of points to draw, 1 or more" in proc.stderr

@@ -28,7 +28,14 @@ import torch
 import torch.nn as nn
 
 from pipeline.core.pooling import FeatureNet, timm_feature_net, torchvision_feature_net
-from pipeline.core.weights import BUNDLED, WeightsError, bundled_state_dict, load_into, load_state_dict_file
+from pipeline.core.weights import (
+    BUNDLED,
+    WeightsError,
+    bundled_state_dict,
+    create_timm_model,
+    load_into,
+    load_state_dict_file,
+)
 from pipeline.infra.artifacts import sha256_tensors
 from pipeline.infra.config import BackboneConfig
 from pipeline.infra.errors import PipelineError
@@ -110,7 +117,7 @@ def _timm_model(cfg: BackboneConfig, num_classes: int, load_weights: bool = True
     kwargs = {}
     if data_cfg["fixed_input_size"] and cfg.image_size not in (None, data_cfg["input_size"][-1]):
         kwargs["img_size"] = cfg.image_size  # position embeddings for this size (hub weights: resampled by timm)
-    model = timm.create_model(cfg.name, pretrained=load_weights and cfg.weights == "hub", num_classes=num_classes,
+    model = create_timm_model(cfg.name, pretrained=load_weights and cfg.weights == "hub", num_classes=num_classes,
                               **kwargs)
     if load_weights and cfg.weights == "bundled":
         load_into(model, bundled_state_dict(cfg.name), cfg.name, "bundled")
@@ -187,7 +194,7 @@ def architecture_data_cfg(name: str) -> dict:
     import timm
 
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = create_timm_model(name, pretrained=False, num_classes=0)
     return {**timm.data.resolve_model_data_config(model),
             "fixed_input_size": bool(model.pretrained_cfg.get("fixed_input_size", False))}
 

@@ -305,8 +305,8 @@ def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASP
     """The sha256 and size (as loaded: EXIF rotation applied) of a usable image, or why a file cannot be used.
 
     Decodes every pixel with the loader extraction uses: a header check alone passes truncated files. With a
-    `cache` (pipeline/core/scan_cache.py), a file with unchanged size and mtime is not opened, and content decoded
-    before is not decoded again.
+    `cache` (pipeline/core/scan_cache.py), a file with unchanged size, mtime, ctime and inode is not opened, and
+    content decoded before is not decoded again.
     """
     try:
         st = path.stat()
@@ -439,8 +439,8 @@ def scan(root: Path, cfg: DataConfig, cache_file: Path | None = None) -> ScanRes
     checks = _decode_all(root, candidates, cfg.max_image_pixels, cfg.max_aspect_ratio, cache)
     if cache_file is not None:
         cache.save({str(root / c.path) for c in candidates})
-        log.info("prepare: %d files unchanged since the last scan (size and mtime), %d with content seen before, "
-                 "%d decoded (scan cache %s)", cache.counts["unchanged"], cache.counts["known_content"],
+        log.info("prepare: %d files unchanged since the last scan (size, mtime, ctime, inode), %d with content seen "
+                 "before, %d decoded (scan cache %s)", cache.counts["unchanged"], cache.counts["known_content"],
                  cache.counts["decoded"], cache_file)
     entries = []
     sizes: dict[str, tuple[int, int]] = {}

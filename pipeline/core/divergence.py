@@ -13,7 +13,12 @@ from pipeline.infra.errors import PipelineError
 
 
 class TrainingDivergedError(PipelineError, ArithmeticError):
-    """The loss became NaN/inf, or no epoch ever reached a usable val loss."""
+    """The loss became NaN/inf, or no epoch ever reached a usable val loss while the train loss did not go down."""
+
+
+class TrainingOverfitError(PipelineError, ValueError):
+    """The train loss went down but no epoch did better on val than the untrained weights: the model learned the
+    train set and nothing that carries over (not a divergence: the step size is not what to change)."""
 
 
 def check_finite_loss(value: float, what: str, epoch: int, hint: str) -> None:

@@ -55,6 +55,7 @@ from pipeline.core.feature_store import FeatureStore, ShardWriter
 from pipeline.core.features import FEATURE_SETS
 from pipeline.core.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
 from pipeline.core.pooling import FeatureNet
+from pipeline.core.store_space import evict, store_root
 from pipeline.infra.artifacts import sha256_file
 from pipeline.infra.config import BackboneConfig, ExtractConfig, to_dict
 from pipeline.infra.distributed import process_group
@@ -149,7 +150,8 @@ class _InFlight:
         arrays = {k: v.numpy() for k, v in self.arrays.items()}
         writer.add(self.ids, arrays)
         if shards is not None:
-            shards.add([rows[i]["sha256"] for i in self.ids], arrays)
+            keep = [j for j, i in enumerate(self.ids) if storable(rows[i]["sha256"])]
+            shards.add([rows[self.ids[j]]["sha256"] for j in keep], {k: v[keep] for k, v in arrays.items()})
         return len(self.ids)
 
 
@@ -161,8 +163,10 @@ class _Reuse:
                  writer: CheckpointWriter):
         self.store, self.rows, self.writer = store, rows, writer
         self.spans = sorted(todo)
-        # decided once, before any new row enters the store
-        self.by_span = {s: [i for i in range(*s) if rows[i]["sha256"] in store.rows] for s in self.spans}
+        # decided once, before any new row enters the store; copies of one image (duplicates anywhere in the index)
+        # are all read from its one stored row, or all computed
+        self.by_span = {s: [i for i in range(*s) if storable(rows[i]["sha256"]) and rows[i]["sha256"] in store.rows]
+                        for s in self.spans}
         reused = {i for ids in self.by_span.values() for i in ids}
         self.compute = [i for s in self.spans for i in range(*s) if i not in reused]
         self.next = 0
@@ -207,6 +211,12 @@ def _run_backbone(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict]
     return len(ids)
 
 
+def storable(digest: str) -> bool:
+    """Whether a row's content hash can key the store: a SHA-256 in hex. An index written without hashes (an empty
+    column) would otherwise make every row the same image."""
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
 def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], todo: Sequence[tuple[int, int]],
               writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device,
               store: FeatureStore | None = None) -> tuple[int, int]:
@@ -236,8 +246,7 @@ def _open_store(cfg: ExtractConfig, out: Path, fingerprint: dict, is_main: bool)
     if cfg.store is None:
         return None
     key = {k: v for k, v in fingerprint.items() if k not in ("index_sha256", "classes", "checkpoint_rows")}
-    root = out.parent / "feature_store" if cfg.store == "auto" else Path(cfg.store)
-    store = FeatureStore.open(root, key)
+    store = FeatureStore.open(store_root(cfg.store, out), key)
     if is_main:
         log.info("extract: feature store %s holds %d rows for these settings", store.folder, len(store.rows))
     return store
@@ -318,6 +327,8 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         if info.is_main:
             assemble(out, partial, spans, rows, attrs, net.widths, cfg.dtype)
             shutil.rmtree(partial, ignore_errors=True)
+            if store is not None:  # the other settings, least recently used first, down to extract.store_max_gb
+                evict(store.folder.parent, cfg.store_max_gb, keep=store.folder)
         seconds = time.perf_counter() - t0
     return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": resumed, "rows_reused": reused,
             "seconds": seconds,

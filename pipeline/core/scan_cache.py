@@ -1,8 +1,12 @@
 """What prepare learnt about each file, kept between runs, so that a grown folder re-reads only new or modified files.
 
 Why: prepare decodes every image (a header check passes truncated files) and hashes it; on 50,000 photos that is
-minutes, repeated in full whenever one photo is added. The size and modification time of a file are the hint: when
-both are unchanged, the recorded content hash and decode result are used without opening the file. Otherwise the
+minutes, repeated in full whenever one photo is added. The file's size, modification time, change time (ctime) and
+inode are the hint: when all four are unchanged, the recorded content hash and decode result are used without
+opening the file. Size and mtime alone are not enough: `cp -p`, `rsync -t` and `touch -r` put another file of the
+same size in place with the old mtime, and its old hash would be reused. ctime cannot be set back by any user tool
+and every write or rename sets it (git's index keys files on it for the same reason); a replaced-by-rename file also
+has a new inode. Otherwise the
 file is hashed again, and the content hash is the truth: a file whose bytes were decoded before (renamed, copied,
 touched) is not decoded again. Results depend on `data.max_image_pixels`, `data.max_aspect_ratio` and the image
 library, so a cache made with other values of those is not used.
@@ -23,12 +27,12 @@ from pipeline.infra.artifacts import write_json
 
 log = logging.getLogger("pipeline.prepare")
 
-VERSION = 1
+VERSION = 2  # 2: files keyed on ctime and inode too (a version-1 cache is not used)
 
 
 @dataclass
 class ScanCache:
-    """Per file: (size, mtime_ns) -> (sha256, width, height, reason); per content hash: (width, height, reason)."""
+    """Per file: [size, mtime_ns, sha256, size, reason, ctime_ns, inode]; per content hash: (size, reason)."""
 
     path: Path | None
     settings: dict
@@ -56,9 +60,9 @@ class ScanCache:
         return cache
 
     def lookup(self, path: Path, st: os.stat_result) -> tuple[str | None, tuple | None, str | None] | None:
-        """(sha256, size, reason) recorded for this file if its size and mtime are unchanged, else None."""
+        """(sha256, size, reason) recorded for this file if its size, mtime, ctime and inode are unchanged, else None."""
         hit = self.files.get(str(path))
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        if hit and len(hit) == 7 and hit[:2] == [st.st_size, st.st_mtime_ns] and hit[5:] == [st.st_ctime_ns, st.st_ino]:
             self._count("unchanged")
             return hit[2], tuple(hit[3]) if hit[3] else None, hit[4]
         return None
@@ -74,7 +78,8 @@ class ScanCache:
     def remember(self, path: Path, st: os.stat_result, digest: str | None, size: tuple | None,
                  reason: str | None, decoded: bool) -> None:
         with self._lock:
-            self.files[str(path)] = [st.st_size, st.st_mtime_ns, digest, list(size) if size else None, reason]
+            self.files[str(path)] = [st.st_size, st.st_mtime_ns, digest, list(size) if size else None, reason,
+                                     st.st_ctime_ns, st.st_ino]
             if digest:
                 self.hashes[digest] = [list(size) if size else None, reason]
             if decoded:

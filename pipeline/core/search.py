@@ -61,7 +61,13 @@ def parse_grid(specs: list[str], base: Any, prefix: str) -> dict[str, list]:
 
 def grid_points(grid: dict[str, list], sample: int | None = None, seed: int = 0) -> list[dict]:
     """The Cartesian product of the grid, in order (last key fastest); with `sample`, that many distinct points of
-    it drawn at random (seeded), in the order drawn: a random search over the same space."""
+    it drawn at random (seeded), in the order drawn: a random search over the same space.
+
+    Raises:
+        ConfigError: `sample` is below 1 (zero points would fit nothing and have no best one).
+    """
+    if sample is not None and sample < 1:
+        raise ConfigError(f"--random {sample}: give the number of points to draw, 1 or more")
     keys, sizes = list(grid), [len(v) for v in grid.values()]
     total = 1
     for s in sizes:

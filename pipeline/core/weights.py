@@ -102,3 +102,34 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], name: str, source: 
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
+
+
+def create_timm_model(name: str, pretrained: bool, **kwargs):
+    """`timm.create_model`, with what goes wrong fetching or reading the weights said in one line (WeightsError).
+
+    Why: `hf-hub:` names fetch config.json even to build the bare architecture, `local-dir:` folders are read with
+    the Hub's own loaders, and `weights: hub` downloads; without a network, with a missing folder, config or weights
+    file, or with damaged weights, timm lets huggingface_hub's, safetensors' or torch's exception through as a
+    40-line traceback. Those libraries raise many unrelated types (LocalEntryNotFoundError, SafetensorError,
+    RuntimeError, FileNotFoundError, ...), so any exception is translated, naming the backbone and the fix.
+    """
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (see above; the original is chained for --debug logs)
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+        if name.startswith("hf-hub:"):
+            fix = ("it is fetched from the Hugging Face Hub (config.json, and its weights with weights: hub): connect "
+                   "to the network once (it is cached after that), or download the repository and name the folder "
+                   "as local-dir:<folder>")
+        elif name.startswith("local-dir:"):
+            fix = ("the folder must hold timm's config.json and a readable weights file (model.safetensors or "
+                   "pytorch_model.bin), as timm's save_for_hf writes them")
+        elif pretrained:
+            fix = ("backbone.weights: hub downloads them: connect to the network once (they are cached), or use "
+                   "weights: bundled (EfficientNet-Lite0/1/2) or a local weights file")
+        else:
+            raise
+        raise WeightsError(f"backbone.name '{name}' cannot be loaded ({reason}); {fix}") from exc

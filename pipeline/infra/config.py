@@ -40,6 +40,7 @@ MAX_EPOCHS = 100_000
 MAX_ITER = 10_000_000        # LogisticRegression solver iterations
 MAX_WORKERS = 256            # DataLoader processes
 MAX_CHECKPOINT_ROWS = 10_000_000
+MAX_MEMORY_GB = 1_000_000.0  # in_memory_gb, store_max_gb: a terabyte-scale machine is far below; a typo (1e9) is refused
 MAX_SEED = 2**32 - 1         # numpy's seed range
 MAX_IMAGE_PIXELS_LIMIT = 2**31 - 1  # PIL's own hard ceiling for one image (int32 pixel count)
 
@@ -76,8 +77,8 @@ class DataConfig:
     `source`, which DVC sees), `all`, or `none`; the others are listed in skipped.csv. /, /proc, /sys, /dev and /run are never
     scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
-    `scan_cache` (speed only): a file whose size and mtime are unchanged since the last prepare is not read again
-    (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
+    `scan_cache` (speed only): a file whose size, mtime, ctime and inode are unchanged since the last prepare is not
+    read again (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
     """
 
     source: str = "data/digits"
@@ -137,8 +138,10 @@ class ExtractConfig:
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
     `store`: folder of the feature store (pipeline/core/feature_store.py): rows already extracted with the same
     settings are reused by content hash, so a grown image folder sends only its new images through the backbone;
-    `auto` is `feature_store/` beside the features file, null turns it off. Outside DVC's outputs; delete it to
-    reclaim its space.
+    `auto` is `feature_store/` beside the features file, null turns it off. Outside DVC's outputs.
+    `store_max_gb`: the store's size cap; after each extraction the least recently used settings (whole backbone /
+    dtype / preprocessing folders) are removed until it fits (pipeline/core/store_space.py; null: no cap).
+    `python -m pipeline.store` lists and removes settings.
     """
 
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -149,14 +152,15 @@ class ExtractConfig:
     checkpoint_rows: int = _speed(1024)
     device: str = _speed("auto")
     store: str | None = _speed("auto")
+    store_max_gb: float | None = _speed(20.0)
 
     def validate(self, prefix: str) -> None:
+        if self.store_max_gb is not None:
+            _check_range(f"{prefix}.store_max_gb", self.store_max_gb, 0.0, MAX_MEMORY_GB, low_open=True)
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_range(f"{prefix}.workers", self.workers, 0, MAX_WORKERS)
         _check_range(f"{prefix}.checkpoint_rows", self.checkpoint_rows, 1, MAX_CHECKPOINT_ROWS)
 
-
-MAX_MEMORY_GB = 1_000_000.0  # in_memory_gb: a terabyte-scale machine is far below; a typo (1e9) is refused
 
 _CLASS_WEIGHT = dataclasses.field(default=None, metadata={"allowed": "null (every image counts once) or balanced"})
 

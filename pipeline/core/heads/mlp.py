@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.core.divergence import TrainingDivergedError, check_finite_loss
+from pipeline.core.divergence import TrainingDivergedError, TrainingOverfitError, check_finite_loss
 from pipeline.core.features import StreamedInputs, input_blocks
 from pipeline.core.heads.logreg import balanced_class_weight
 from pipeline.infra.config import MlpConfig
@@ -166,7 +166,8 @@ def fit_mlp(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np
 
     Raises:
         TrainingDivergedError: a train or val loss became NaN/inf, or no epoch did better on val than the untrained
-            head (the weights would be initial ones or garbage, reported as a result).
+            head while the train loss did not go down either (the weights would be initial ones or garbage).
+        TrainingOverfitError: no epoch did better on val than the untrained head, but the train loss went down.
     """
     set_deterministic()
     gen = seed_everything(cfg.seed)
@@ -192,6 +193,8 @@ def _train(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.
     # The untrained head's val loss is the bar: a run whose best epoch does not beat it learned nothing usable.
     untrained_loss, _ = _evaluate(model, x_val, y_val, device, weight)
     check_finite_loss(untrained_loss, "heads@mlp val loss of the untrained head", 0, hint)
+    # ... and its train loss, to tell overfitting (train loss down, val never better) from divergence (neither down)
+    untrained_train_loss, _ = _evaluate(model, x_train, y_train, device, weight)
     best = {"val_loss": float("inf"), "epoch": -1}
     best_state = copy.deepcopy(model.state_dict())
     history = []
@@ -221,11 +224,38 @@ def _train(x_train: np.ndarray | StreamedInputs, y_train: np.ndarray, x_val: np.
                      best["val_loss"])
             break
     if best["epoch"] < 0 or not best["val_loss"] < untrained_loss:
-        raise TrainingDivergedError(
-            f"heads@mlp never did better on val than its untrained weights (best val loss {best['val_loss']:.4g} at "
-            f"epoch {best['epoch']}, untrained {untrained_loss:.4g}): training diverged; {hint}")
+        raise _no_better_than_untrained(best, untrained_loss, untrained_train_loss, history, cfg)
     model.load_state_dict(best_state)
     return model.cpu().eval(), {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history}
+
+
+def _no_better_than_untrained(best: dict, untrained_val: float, untrained_train: float, history: list[dict],
+                               cfg: MlpConfig) -> TrainingDivergedError:
+    """The error when no epoch beat the untrained head on val, worded after what the training loss did.
+
+    The training loss going down (below the untrained head's) means the optimiser works and the head learned the
+    training set, but nothing of it carries over to val: overfitting (labels with no signal in the features, such as
+    random labels; or far too little data). The training loss not going down means the steps do not descend:
+    divergence (a step size too large, broken inputs). Each gets its own words and its own params to look at.
+    """
+    first, lowest = history[0]["train_loss"], min(h["train_loss"] for h in history)
+    where = (f"best val loss {best['val_loss']:.4g} at epoch {best['epoch']}, untrained {untrained_val:.4g}"
+             if best["epoch"] >= 0 else f"untrained val loss {untrained_val:.4g}")
+    if lowest < untrained_train:
+        steps = ("" if best["val_loss"] < 10 * untrained_val else
+                 f"; a val loss this far above the untrained head's also comes from steps far too large: lower "
+                 f"heads.mlp.lr (now {cfg.lr:g})")
+        return TrainingOverfitError(
+            f"heads@mlp never did better on val than its untrained weights ({where}) although its train loss went "
+            f"down (untrained {untrained_train:.4g}, epoch 0 {first:.4g}, lowest {lowest:.4g}): it overfits the "
+            "train set, and what it learns there does not hold on val. Check that the class folders hold what they "
+            "say (labels that carry no signal in the features look like this), add images, or regularise: raise "
+            f"heads.mlp.dropout (now {cfg.dropout:g}) or heads.mlp.weight_decay (now {cfg.weight_decay:g}), fewer "
+            f"heads.mlp.hidden units (now {cfg.hidden}); the logreg head is the simpler baseline{steps}")
+    return TrainingDivergedError(
+        f"heads@mlp never did better on val than its untrained weights ({where}) and its train loss never went "
+        f"below the untrained head's (untrained {untrained_train:.4g}, epoch 0 {first:.4g}, lowest {lowest:.4g}): "
+        f"training diverged; {_hint(cfg)}")
 
 
 def _hint(cfg: MlpConfig) -> str:
