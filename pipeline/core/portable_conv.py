@@ -205,6 +205,8 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             or x.dtype != torch.float32 or x.device.type != "cpu":
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     dilation = _pair(dilation)
+    if isinstance(padding, str) and _pair(stride) != (1, 1):  # PyTorch's own error for 'same' with a stride
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if isinstance(padding, str):
         if padding == "same":
             x, padding = _same_padding(x, weight, dilation)
