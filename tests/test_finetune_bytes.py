@@ -22,8 +22,8 @@ def test_one_finetune_step_matches_the_committed_record():
     actual = step_record()
     where = first_difference(expected, actual)
     assert where is None, (f"this CPU ({numerics.cpu_model()}) departs from the committed fine-tune record at {where}: "
-                           "a kernel of the training step depends on the CPU model (see README, 'Reproducing "
-                           "results'), or the fine-tune's code changed (then rewrite the record)")
+                           "a kernel of the training step depends on the CPU model (see README, 'Portable "
+                           "numerics'), or the fine-tune's code changed (then rewrite the record)")
 
 
 def test_first_difference_names_the_first_departure():

@@ -194,7 +194,7 @@ def test_another_cpu_gives_the_same_bytes_only_when_pinned(tiny_cache, tmp_path)
     assert len(json.loads(plain["finetune/model.json"])["history"]) == 2  # the warm start and one trained epoch
 
     # the run log says what was pinned and what the environment asked for; the stage logged no numerics line
-    record = json.loads((tmp_path / "pinned_other" / "runs" / "heads.json").read_text())
+    record = json.loads((tmp_path / "pinned_other" / "runs" / "manual" / "heads.json").read_text())
     assert record["numerics"]["pinned"] and record["numerics"]["overridden"]["OPENBLAS_CORETYPE"] == "Sandybridge"
     assert record["numerics"]["in_use"]["aten"] == "AVX2"
     assert "numerics:" not in (tmp_path / "pinned_other" / "stderr.txt").read_text()
@@ -204,7 +204,8 @@ def test_another_cpu_gives_the_same_bytes_only_when_pinned(tiny_cache, tmp_path)
     assert {"heads/logreg/head.safetensors", "heads/mlp/head.safetensors"} & set(differ), \
         "native mode under another CPU's settings gave the same heads: the test cannot tell pinned from not"
     assert "numerics: native" in (tmp_path / "native" / "stderr.txt").read_text()
-    assert json.loads((tmp_path / "native" / "runs" / "heads.json").read_text())["numerics"]["mode"] == "native"
+    native_record = json.loads((tmp_path / "native" / "runs" / "manual" / "heads.json").read_text())
+    assert native_record["numerics"]["mode"] == "native"
 
 
 def test_set_deterministic_turns_torch_deterministic_without_importing_the_inductor():

@@ -17,7 +17,7 @@ COMPATIBLE branch (the same code on every x86-64 vendor; the MLP head's training
 vendors) for pointwise and dense convolutions, ATen's element-wise products and reductions for depthwise weight
 gradients, and oneDNN forward convolutions for stride-1 depthwise input gradients. tests/test_finetune_bytes.py
 checks a whole training step against a committed record, on whatever machine runs the tests. Cost: README
-"Reproducing results" (bench/finetune_kernels.py).
+"Portable numerics" (bench/finetune_kernels.py).
 
     with PortableConvolutions():      # around the training forward pass; backward follows the recorded graph
         loss = F.cross_entropy(net(x), y)

@@ -7,7 +7,7 @@ in `dvc.lock` against the committed `dvc.lock` (git HEAD).
   not pinned: :func:`bytes_must_match` reads both sides' provenance), and the numbers agree within the bounds of
   pipeline/core/tolerance.py (metrics files) or `allclose` (the feature sample in reference/);
 - `different`: anything else. On two pinned CPU runs with the same packages any byte that differs is `different`:
-  every kernel there is portable (README "Reproducing results").
+  every kernel there is portable (README "Portable numerics").
 """
 from __future__ import annotations
 

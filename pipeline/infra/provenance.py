@@ -5,8 +5,9 @@ with its likely cause (another CPU, native numerics, TF32 on, bf16...). The curr
 (`runs/<DVC stage>.json`, written by each stage that `dvc repro` ran; a command run by hand never stands in for it),
 or, where no stage has run here, from this process's own environment. The committed side is
 `reference/provenance.json`, which `verify --record` writes from the run log after a reference run and which is
-committed with the rest of `reference/`; verify reads it from git HEAD, like the committed metrics. It holds no times and no host names, so rerunning the reference run on the same
-kind of machine rewrites it byte for byte; it is not a DVC output and no stage depends on it.
+committed with the rest of `reference/`; verify reads it from git HEAD, like the committed metrics. It holds no
+times and no host names, so rerunning the reference run on the same kind of machine rewrites it byte for byte; it is
+not a DVC output and no stage depends on it.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 
 from pipeline.infra import runlog
 
-STAGES = ("extract", "heads@logreg", "heads@mlp", "finetune", "evaluate")  # the DVC stages whose numbers verify compares
+# the DVC stages whose numbers verify compares
+STAGES = ("extract", "heads@logreg", "heads@mlp", "finetune", "evaluate")
 LIVE = "live"  # the key of the verify process's own environment, where no stage has run here
 PACKAGES = ("torch", "numpy", "scikit-learn", "timm")
 ISA_ORDER = ("openblas", "numpy", "aten", "mkl", "onednn")  # a fixed order: the JSON file sorts its keys
