@@ -58,9 +58,7 @@ def test_grown_and_shrunk_folders_reuse_rows_and_give_the_from_scratch_bytes(tmp
     assert counts == (0, 30)  # an empty store: every image through the backbone
     store = tmp_path / "out" / "feature_store"
     assert len(list(store.glob("*/shard-*.h5"))) >= 1
-    for c in range(3):  # grow: two more images per class (the 11th and 12th digit of each class)
-        for f in sorted((extra / str(c)).iterdir())[10:]:
-            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+    _grow(src, extra)  # two more images per class (the 11th and 12th digit of each class)
     second, counts = _extract(tmp_path, params, "second", caplog)
     assert counts == (30, 6)  # only the 6 new images ran
     assert sha256_file(second) == sha256_file(_fresh(tmp_path, src, "second", caplog))
@@ -142,6 +140,13 @@ def test_dvc_repro_after_adding_images_embeds_only_the_new_ones(tmp_path):
 _COPIES = {"A": ["0/zz-copy-a.png", "1/copy-a.png", "2/copy-a.png", "2/dup-a.png"], "B": ["2/copy-b.png"]}
 
 
+def _grow(src: Path, extra: Path) -> None:
+    """The folder grows by two images per class: the 11th and 12th digit of each of the three classes."""
+    for c in range(3):
+        for f in sorted((extra / str(c)).iterdir())[10:]:
+            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+
+
 def _with_copies(src: Path) -> Path:
     originals = {"A": sorted((src / "0").iterdir())[0], "B": sorted((src / "1").iterdir())[0]}
     for which, names in _COPIES.items():
@@ -197,9 +202,7 @@ def test_duplicate_images_first_run_and_grown_rerun(tmp_path, grown, caplog):
     with h5py.File(next((tmp_path / "out" / "feature_store").glob("*/shard-*.h5")), "r") as f:
         assert len(f["sha256"]) == len(set(f["sha256"][...].tolist()))  # each content stored once
 
-    for c in range(3):  # grow: two new images per class, one more copy of A, a new image in two places
-        for f in sorted((extra / str(c)).iterdir())[10:]:
-            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+    _grow(src, extra)  # two new images per class; below, one more copy of A and a new image in two places
     shutil.copy2(src / "1" / "copy-a.png", src / "1" / "zz-more-a.png")
     new = sorted((extra / "0").iterdir())[11]
     shutil.copy2(new, src / "2" / "c-new.png")
@@ -224,9 +227,7 @@ def test_duplicate_images_resume_after_an_interruption(tmp_path, grown, monkeypa
     src, extra = grown
     params = _params(tmp_path, _with_copies(src), checkpoint_rows=16)
     _extract(tmp_path, params, "first", caplog)
-    for c in range(3):
-        for f in sorted((extra / str(c)).iterdir())[10:]:
-            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+    _grow(src, extra)
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
@@ -335,9 +336,7 @@ def test_duplicate_images_under_torchrun_read_the_store_on_every_rank(tmp_path, 
     src, extra = grown
     params = _params(tmp_path, _with_copies(src), checkpoint_rows=16)
     _extract(tmp_path, params, "first", caplog)
-    for c in range(3):
-        for f in sorted((extra / str(c)).iterdir())[10:]:
-            shutil.copy2(f, src / str(c) / f"new-{f.name}")
+    _grow(src, extra)
     prepare.main(["--params", str(params), "--out", str(tmp_path / "second-prepared")])
     out = tmp_path / "out" / "second.h5"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
