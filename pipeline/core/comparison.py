@@ -46,14 +46,13 @@ def collect(sweep_dir: Path, backbones: Sequence[str], heads: Sequence[str] = HE
 
 
 def speeds(backbones: Sequence[str], run_dir: Path | None = None) -> dict[str, dict]:
-    """{backbone: img/s, seconds and device} of its latest `sweep_extract@<backbone>` run here (absent: not run here
-    under `dvc repro`, e.g. results pulled from git)."""
+    """{backbone: img/s and device} of its latest `sweep_extract@<backbone>` run here (absent: not run here under
+    `dvc repro`, e.g. results pulled from git)."""
     found = {}
     for name in backbones:
         record = runlog.stage_record(f"sweep_extract@{name}", run_dir)
         if record and record.get("img_per_s"):
-            found[name] = {"img_per_s": record["img_per_s"], "seconds": record.get("seconds"),
-                           "device": record.get("device"), "cpu": record.get("cpu"), "gpu": record.get("gpu")}
+            found[name] = {"img_per_s": record["img_per_s"], "device": record.get("device")}
     return found
 
 
