@@ -95,7 +95,7 @@ def main() -> None:
                    "--metrics", str(run / "finetune.json"), "--live", "none", cwd=work)
             _stage("pipeline.evaluate", "--index", "prepared", "--features", "features.h5", "--heads-dir", "heads",
                    "--selected", "selected.json", "--finetuned", str(run / "model"), "--out", str(run / "eval.json"),
-                   "--plots", str(run / "plots"), "--report", str(run / "report"), "--sweep", "none", cwd=work)
+                   "--plots", str(run / "plots"), "--report", str(run / "report"), cwd=work)
             result = json.loads((run / "eval.json").read_text())
             split = "test" if "test" in result["finetune"] else "val"
             rows.append({"seed": seed, "val_acc": result["finetune"]["val"]["accuracy"],

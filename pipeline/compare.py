@@ -1,50 +1,55 @@
-"""Stage `compare`: the backbone sweep's comparison, one table for every backbone of `sweep.backbones`.
+"""Stage `compare`: one table of backbones, the main pipeline's first, then each of `sweep.backbones`.
 
-The sweep (dvc.yaml: `sweep_extract` and `sweep_heads`, DVC `matrix` stages) extracts each backbone once and fits
-both heads on its cache; DVC reruns only the backbones and heads whose inputs changed. This stage gathers their
-metrics into `metrics/sweep.json` (val accuracy and loss per head, features per image, image size) and
-`plots/sweep.csv` (for `dvc plots`); the evaluate stage puts the table and a figure in the report. Extraction speed,
-which differs on every run, stays out of those tracked files: this stage writes the table with a speed column, read
-from the sweep stages' run logs, to `runs/sweep.md` (untracked).
+The main backbone's row comes from its heads' metrics (`metrics/heads/<head>.json`): comparing never extracts it
+again. The sweep is opt-in (`sweep.backbones: []` by default): each backbone listed there is extracted once by its
+own `sweep_extract@<backbone>` stage (through the feature store, so a backbone extracted before is reused) and both
+heads are fitted on its cache (`sweep_heads`, metrics in `metrics/heads/sweep/<backbone>/`); DVC reruns only the
+backbones whose inputs changed. This stage writes `metrics/sweep.json` (val accuracy and loss per head, crop size,
+feature width), `plots/sweep.csv` (for `dvc plots`) and `plots/sweep.png`. Extraction speed, which differs on every
+run, stays out of those tracked files: the table with a speed column, read from the extraction stages' run logs,
+goes to `runs/sweep.md` (untracked). Cost: every listed backbone extracts every image once (images x backbones).
 
-    dvc repro compare                       # the whole sweep, reusing every unchanged backbone
-    dvc exp run -S 'sweep.backbones=[tf_efficientnet_lite0,resnet50]' -S sweep.weights=hub
-    python -m pipeline.compare --sweep-dir metrics/sweep --out metrics/sweep.json --plots plots
+    dvc repro compare                       # the main backbone's row (and the sweep's, when it lists any)
+    dvc exp run -S 'sweep.backbones=[tf_efficientnet_lite1,tf_efficientnet_lite2]'   # two more, offline
+    python -m pipeline.compare --heads-dir metrics/heads --out metrics/sweep.json --plots plots
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from pipeline.core.comparison import best, collect, speeds, sweep_table, write_plot_rows
+from pipeline.core.comparison import best, collect, plot_sweep, speeds, sweep_table, write_plot_rows
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.compare")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("python -m pipeline.compare", __doc__, ("sweep",))
-    parser.add_argument("--sweep-dir", type=Path, default=Path("metrics/sweep"),
-                        help="folder of the sweep's per-backbone metrics (default: %(default)s)")
+    parser.add_argument("--heads-dir", type=Path, default=Path("metrics/heads"),
+                        help="the heads' metrics folder: the main backbone's <head>.json and the sweep's "
+                             "sweep/<backbone>/<head>.json (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("metrics/sweep.json"), help="comparison metrics to write")
-    parser.add_argument("--plots", type=Path, default=Path("plots"), help="folder for sweep.csv (DVC plots)")
+    parser.add_argument("--plots", type=Path, default=Path("plots"),
+                        help="folder for sweep.csv (DVC plots) and sweep.png (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = load_section("sweep", args.params)
-    results = collect(args.sweep_dir, cfg.backbones)
+    results = collect(args.heads_dir, cfg.backbones)
     write_json(args.out, results)
     write_plot_rows(args.plots / "sweep.csv", results)
-    speed = speeds(cfg.backbones)
+    plot_sweep(args.plots / "sweep.png", results)
+    speed = speeds(results)
     table = runlog.run_dir() / "sweep.md"
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text("\n".join(sweep_table(results, speed)) + "\n")
-    name, head, acc = best(results)
     for backbone, r in results.items():
         rate = f", {speed[backbone]['img_per_s']:.1f} img/s" if backbone in speed else ""
         log.info("compare: %s: val accuracy %s%s", backbone, {h: round(a, 4) for h, a in r["val_accuracy"].items()},
                  rate)
+    name, head, acc = best(results)
     log.info("compare: best %s with %s (val accuracy %.4f); table with speeds: %s", name, head, acc, table)
 
 

@@ -3,8 +3,8 @@ plots, and a report a person reads.
 
 Writes `metrics/evaluate.json` (DVC metrics); for DVC plots, confusion-matrix rows (`actual,predicted` per image) of
 each model on the test split when there is one, else on val, `plots/heads.csv` (val accuracy per head) and
-`plots/misclassified.png` (a few misclassified val images); and `report/report.md` with its figures, the backbone
-sweep's table and figure included (from the compare stage's metrics/sweep.json).
+`plots/misclassified.png` (a few misclassified val images); and `report/report.md` with its figures. The backbone
+comparison is the compare stage's own (metrics/sweep.json, plots/sweep.png): this stage never waits for it.
 
     python -m pipeline.evaluate --out metrics/evaluate.json --plots plots
 """
@@ -17,7 +17,7 @@ from pipeline.core.evaluation import evaluate
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.evaluate")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,13 +33,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for the DVC plots (confusion CSVs, heads.csv, misclassified.png)")
     parser.add_argument("--report", type=Path, default=Path("report"),
                         help="folder for report.md and its figures (default: %(default)s)")
-    parser.add_argument("--sweep", type=Path, default=Path("metrics/sweep.json"),
-                        help="the compare stage's backbone comparison, shown in the report; 'none' to leave it out")
     args = parser.parse_args(argv)
     finetuned = None if str(args.finetuned) == "none" else args.finetuned
-    sweep = None if str(args.sweep) == "none" else args.sweep
-    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots, args.report,
-                      sweep)
+    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots, args.report)
     write_json(args.out, result)
     for model in ("best_head", "finetune"):
         if model in result:

@@ -3,7 +3,7 @@
 How it runs (docs/extraction.md has the measurements):
 
 - Input: DataLoader workers hand over uint8 pixels, or JPEG bytes that nvjpeg decodes on the GPU
-  (`extract.decode`, see pipeline/loader.py); normalisation happens on the device. The network runs in
+  (`extract.decode`, see pipeline/core/loader.py); normalisation happens on the device. The network runs in
   channels_last (1.3x faster on CPU, the layout tensor cores want on GPU), bf16 autocast with `extract.precision: bf16`.
   On a CPU, freed memory stays in the heap during the run (`retained_heap`): 2.3x faster, no kernel page faults.
 - Overlap: the device-to-host copy of a batch's features is asynchronous and is waited for only after the next
@@ -21,9 +21,8 @@ timestamps, fixed row order and attribute order).
 
     python -m pipeline.extract --params params.yaml --index data/prepared --out data/features.h5
     torchrun --nproc_per_node=4 -m pipeline.extract --index data/prepared --out data/features.h5
-    # the backbone sweep (dvc.yaml `sweep_extract`): another backbone, its speed and sizes in a metrics file
-    python -m pipeline.extract --backbone tf_efficientnet_lite1 --store none \\
-        --out data/sweep/tf_efficientnet_lite1/features.h5 --summary metrics/sweep/tf_efficientnet_lite1/extract.json
+    # the backbone sweep (dvc.yaml `sweep_extract`): another backbone than params.yaml's
+    python -m pipeline.extract --backbone tf_efficientnet_lite1 --out data/sweep/tf_efficientnet_lite1/features.h5
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ stages load every head the same way, without pickle.
         --metrics metrics/heads/logreg.json
     # the backbone sweep (dvc.yaml `sweep_heads`): features of another backbone than params.yaml's
     python -m pipeline.heads mlp --backbone tf_efficientnet_lite1 --features data/sweep/tf_efficientnet_lite1/features.h5 \\
-        --out models/sweep/tf_efficientnet_lite1/mlp --metrics metrics/sweep/tf_efficientnet_lite1/mlp.json
+        --out models/sweep/tf_efficientnet_lite1/mlp --metrics metrics/heads/sweep/tf_efficientnet_lite1/mlp.json
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remove-all-but", type=int, metavar="N",
                         help="remove all but the N most recently used settings")
     args = parser.parse_args(argv)
-    root = args.store or store_root(load_section("extract", args.params).store, Path("data/features.h5"))
+    root = args.store or store_root(load_section("extract", args.params).store, Path("data/prepared"))
     if args.remove or args.remove_all_but is not None:
         remove_settings(root, args.remove, args.remove_all_but)
     for line in list_store(root):

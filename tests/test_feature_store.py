@@ -56,7 +56,7 @@ def test_grown_and_shrunk_folders_reuse_rows_and_give_the_from_scratch_bytes(tmp
     params = _params(tmp_path, src)
     first, counts = _extract(tmp_path, params, "first", caplog)
     assert counts == (0, 30)  # an empty store: every image through the backbone
-    store = tmp_path / "out" / "feature_store"
+    store = tmp_path / "feature_store"
     assert len(list(store.glob("*/shard-*.h5"))) >= 1
     _grow(src, extra)  # two more images per class (the 11th and 12th digit of each class)
     second, counts = _extract(tmp_path, params, "second", caplog)
@@ -75,7 +75,7 @@ def test_damaged_truncated_or_foreign_store_is_reported_and_not_trusted(tmp_path
     params = _params(tmp_path, src, batch_size=8)
     first, _ = _extract(tmp_path, params, "first", caplog)
     expected = sha256_file(first)
-    shards = sorted((tmp_path / "out" / "feature_store").glob("*/shard-*.h5"), key=lambda p: p.stat().st_mtime_ns)
+    shards = sorted((tmp_path / "feature_store").glob("*/shard-*.h5"), key=lambda p: p.stat().st_mtime_ns)
     assert len(shards) == 4  # 30 rows in shards of 8 (extract.checkpoint_rows)
 
     with h5py.File(shards[0], "r+") as f:  # damaged values: same shape and hashes, other numbers
@@ -101,7 +101,7 @@ def test_store_null_and_other_settings_use_no_store(tmp_path, grown, caplog):
     _extract(tmp_path, _params(tmp_path, src), "first", caplog)
     _, counts = _extract(tmp_path, _params(tmp_path, src, dtype="float16"), "half", caplog)
     assert counts == (0, 30)  # float16 rows are another fingerprint: nothing reused
-    assert len(list((tmp_path / "out" / "feature_store").iterdir())) == 2
+    assert len(list((tmp_path / "feature_store").iterdir())) == 2
     _, counts = _extract(tmp_path, _params(tmp_path, src, store=None), "none", caplog)
     assert counts is None
 
@@ -199,7 +199,7 @@ def test_duplicate_images_first_run_and_grown_rerun(tmp_path, grown, caplog):
     assert len(groups) == 2 and len(max(groups.values(), key=len)) == 5 and len(splits) == 3
     assert counts == (0, 35)
     _same_features_per_content(first, groups)
-    with h5py.File(next((tmp_path / "out" / "feature_store").glob("*/shard-*.h5")), "r") as f:
+    with h5py.File(next((tmp_path / "feature_store").glob("*/shard-*.h5")), "r") as f:
         assert len(f["sha256"]) == len(set(f["sha256"][...].tolist()))  # each content stored once
 
     _grow(src, extra)  # two new images per class; below, one more copy of A and a new image in two places
@@ -288,7 +288,7 @@ def test_an_error_writing_the_store_leaves_the_output_unchanged(tmp_path, grown,
     out, counts = _extract(tmp_path, _params(tmp_path, src), "first", caplog)
     assert len(hit) == 1 and counts == (0, 30)  # the first shard failed; the run added nothing more to the store
     assert "this run adds no more rows to the store (the features file is not affected)" in caplog.text
-    assert not list((tmp_path / "out" / "feature_store").glob("*/shard-*.h5"))
+    assert not list((tmp_path / "feature_store").glob("*/shard-*.h5"))
     assert sha256_file(out) == sha256_file(_fresh(tmp_path, src, "first", caplog))
 
 

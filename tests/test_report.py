@@ -58,3 +58,23 @@ def test_evaluate_reports_per_class_metrics_and_worst_mistakes(tiny_cache, tmp_p
     text = (tmp_path / "report" / "report.md").read_text()
     assert "balanced accuracy" in text and "### Per class on test (best head)" in text
     assert (tmp_path / "plots" / "misclassified.png").is_file()
+
+
+def test_finetune_section_says_which_epoch_is_kept_and_that_it_is_an_average(tmp_path):
+    """Under `select: last` with SWA the kept epoch is the last one and its weights are an average, not "the best
+    epoch": the report says so in those words (it used to print "best epoch 8" beside a table whose best was 6)."""
+    from pipeline.core.report import _finetune_section
+
+    history = [{"epoch": 0, "train_loss": None, "val_loss": 0.3, "val_accuracy": 0.9}] + [
+        {"epoch": e, "train_loss": 0.1, "val_loss": 0.2, "val_accuracy": acc} for e, acc in ((1, 0.95), (2, 0.97),
+                                                                                               (3, 0.96))]
+    base = {"epochs": 3, "lr": 1e-3, "body_lr_ratio": 0.1, "bn": "eval"}
+    info = {"warm_start": "logreg", "parity": None, "best_epoch": 3, "history": history,
+            "finetune": {**base, "select": "last", "swa_start": 0.5, "ema_decay": 0.0}}
+    text = "\n".join(_finetune_section(info, {"curves": "c.png"}))
+    assert "kept: epoch 3" in text and "best epoch" not in text
+    assert "`finetune.select: last`: the last epoch" in text and "uniform average (SWA)" in text
+    info["finetune"] = {**base, "select": "accuracy", "swa_start": 0.0, "ema_decay": 0.0}
+    info["best_epoch"] = 2
+    text = "\n".join(_finetune_section(info, {"curves": "c.png"}))
+    assert "kept: epoch 2" in text and "best val accuracy" in text and "average" not in text

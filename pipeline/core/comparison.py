@@ -1,15 +1,19 @@
-"""The backbone sweep's comparison: val accuracy per head and backbone, features per image, extraction speed.
+"""The backbone comparison: val accuracy per head and backbone, crop size and feature width, extraction speed.
 
-Read from what the sweep's stages wrote (`metrics/sweep/<backbone>/{extract,logreg,mlp}.json`), gathered into one
-metrics file (`dvc exp show` and `dvc metrics show` list it), one CSV for `dvc plots`, and a table and a figure in the
-report. Extraction speed is the one machine-dependent figure, different on every run: it is never in a tracked file
-(a fresh `dvc repro` must leave `git status` clean). It comes from the run log of each `sweep_extract@<backbone>`
-stage (`runs/`, pipeline/infra/runlog.py) and goes to `runs/sweep.md`, the sweep table with a speed column.
+The main pipeline's backbone is always the first row, read from its heads' metrics (`metrics/heads/<head>.json`):
+comparing costs no second extraction of it. Each other backbone of `sweep.backbones` (opt-in; empty by default) adds a
+row from its sweep stages' metrics (`metrics/heads/sweep/<backbone>/<head>.json`). Every heads metrics file names the
+features it was fitted on (backbone, weights, crop size, pooling, width), so the comparison reads nothing else.
+Gathered into one metrics file (`dvc exp show` and `dvc metrics show` list it), one CSV for `dvc plots` and a figure.
+Extraction speed is the one machine-dependent figure, different on every run: it is never in a tracked file (a fresh
+`dvc repro` must leave `git status` clean). It comes from the run log of each extraction stage (`runs/`,
+pipeline/infra/runlog.py) and goes to `runs/sweep.md`, the table with a speed column.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +22,9 @@ from pipeline.infra.artifacts import atomic_path
 from pipeline.infra.errors import PipelineError
 
 HEADS = ("logreg", "mlp")
+SWEEP_FOLDER = "sweep"  # under the heads' metrics folder: one subfolder per sweep backbone
+
+log = logging.getLogger(__name__)
 
 
 class SweepResultsError(PipelineError, ValueError):
@@ -30,28 +37,44 @@ def _read(path: Path, stage: str) -> dict:
     return json.loads(path.read_text())
 
 
-def collect(sweep_dir: Path, backbones: Sequence[str], heads: Sequence[str] = HEADS) -> dict:
-    """{backbone: val accuracy and loss per head, features per image, image size}, in the params' order."""
-    out = {}
-    for name in backbones:
-        ext = _read(sweep_dir / name / "extract.json", f"sweep_extract@{name}")
-        fits = {h: _read(sweep_dir / name / f"{h}.json", f"sweep_heads@{name}-{h}") for h in heads}
-        out[name] = {
-            "val_accuracy": {h: fits[h]["val"]["accuracy"] for h in heads},
-            "val_loss": {h: fits[h]["val"]["loss"] for h in heads},
-            "features_per_image": ext["features_per_image"],
-            "image_size": ext["image_size"],
-        }
+def _row(fits: dict[str, dict], extract_stage: str) -> dict:
+    first = next(iter(fits.values()))["features"]
+    return {
+        "weights": first["weights"],
+        "image_size": first["image_size"],
+        "val_accuracy": {h: m["val"]["accuracy"] for h, m in fits.items()},
+        "val_loss": {h: m["val"]["loss"] for h, m in fits.items()},
+        "features": {h: f"{m['features']['pooling']} {m['features']['in_features']}" for h, m in fits.items()},
+        "extract_stage": extract_stage,
+    }
+
+
+def collect(heads_dir: Path, backbones: Sequence[str], heads: Sequence[str] = HEADS) -> dict:
+    """{backbone: weights, crop size, val accuracy and loss and features per head, extraction stage}: the main
+    backbone first (from `heads_dir/<head>.json`), then each of `backbones` in the params' order. A sweep backbone
+    that is the main one (same name and weights) is not listed twice: its row is the main pipeline's."""
+    main = {h: _read(heads_dir / f"{h}.json", f"heads@{h}") for h in heads}
+    name = main[heads[0]]["features"]["backbone"]
+    out = {name: _row(main, "extract")}
+    for other in backbones:
+        folder = heads_dir / SWEEP_FOLDER / other
+        fits = {h: _read(folder / f"{h}.json", f"sweep_heads@{other}-{h}") for h in heads}
+        row = _row(fits, f"sweep_extract@{other}")
+        if other == name and row["weights"] == out[name]["weights"]:
+            log.info("compare: %s is the main backbone: its row is the main pipeline's", other)
+            continue
+        out[other if other not in out else f"{other} ({row['weights']})"] = row
     return out
 
 
-def speeds(backbones: Sequence[str], run_dir: Path | None = None) -> dict[str, dict]:
-    """{backbone: img/s and device} of its latest `sweep_extract@<backbone>` run here (absent: not run here under
-    `dvc repro`, e.g. results pulled from git)."""
+def speeds(results: dict, run_dir: Path | None = None) -> dict[str, dict]:
+    """{backbone: img/s and device} of its extraction stage's latest run here, when that run extracted images
+    (absent: not run here under `dvc repro`, e.g. results pulled from git, or every row came from the feature store,
+    which times nothing)."""
     found = {}
-    for name in backbones:
-        record = runlog.stage_record(f"sweep_extract@{name}", run_dir)
-        if record and record.get("img_per_s"):
+    for name, row in results.items():
+        record = runlog.stage_record(row["extract_stage"], run_dir)
+        if record and record.get("images_extracted") and record.get("img_per_s"):
             found[name] = {"img_per_s": record["img_per_s"], "device": record.get("device")}
     return found
 
@@ -102,30 +125,16 @@ def plot_sweep(path: Path, results: dict) -> None:
 
 
 def sweep_table(results: dict, speed: dict[str, dict] | None = None) -> list[str]:
-    """The sweep as a markdown table; with `speed` (from :func:`speeds`), an extraction img/s column."""
+    """The comparison as a markdown table; with `speed` (from :func:`speeds`), an extraction img/s column."""
     heads = list(next(iter(results.values()))["val_accuracy"])
-    header = ["backbone", "image size", *[f"val acc {h}" for h in heads], "features per image (avg / pre_logits)"]
+    header = ["backbone", "image size", *[f"val acc {h}" for h in heads], f"features ({' / '.join(heads)})"]
     if speed is not None:
         header.append("extract img/s (this machine)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in results.items():
-        feats = r["features_per_image"]
-        row = [f"`{name}`", f"{r['image_size']} px", *[f"{100 * r['val_accuracy'][h]:.2f} %" for h in heads],
-               f"{feats['avg']} / {feats['pre_logits']}"]
+    for i, (name, r) in enumerate(results.items()):
+        row = [f"`{name}`" + (" (main)" if i == 0 else ""), f"{r['image_size']} px",
+               *[f"{100 * r['val_accuracy'][h]:.2f} %" for h in heads], " / ".join(r["features"][h] for h in heads)]
         if speed is not None:
             row.append(f"{speed[name]['img_per_s']:.1f} ({speed[name]['device']})" if name in speed else "-")
         lines.append("| " + " | ".join(row) + " |")
     return lines
-
-
-def sweep_section(results: dict, figure: str | None) -> list[str]:
-    """The report's "Backbone sweep" section: one table row per backbone, and the figure (no speeds: the report is
-    tracked, and speeds change on every run; `runs/sweep.md` has them)."""
-    name, head, acc = best(results)
-    out = ["## Backbone sweep", f"Each backbone of `sweep.backbones` extracted once and both heads fitted on its cache "
-           f"(`dvc repro compare`); best: `{name}` with {head}, val accuracy {100 * acc:.2f} %. Extraction speed on "
-           "the machine that ran the sweep: `runs/sweep.md` (untracked, written by the compare stage).", "",
-           *sweep_table(results), ""]
-    if figure:
-        out += [f"![backbone sweep]({figure})", ""]
-    return out

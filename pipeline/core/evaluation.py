@@ -14,7 +14,7 @@ import torch
 from PIL import ImageOps
 from torch.utils.data import DataLoader
 
-from pipeline.core import comparison, report
+from pipeline.core import report
 from pipeline.core.dataset import read_index
 from pipeline.core.features import read_attrs, read_split
 from pipeline.core.heads import head_logits, load_head
@@ -68,11 +68,8 @@ def score_finetuned(finetuned: Path, rows: list[dict], source: str, splits: list
 
 
 def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, finetuned: Path | None,
-             plots: Path, report_dir: Path | None = None, sweep: Path | None = None) -> dict:
-    """Scores both models on every evaluation split present; writes plots and the report; returns the metrics.
-
-    `sweep`: the compare stage's metrics/sweep.json, shown in the report as a table and a figure.
-    """
+             plots: Path, report_dir: Path | None = None) -> dict:
+    """Scores both models on every evaluation split present; writes plots and the report; returns the metrics."""
     rows, meta = read_index(index_dir)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
     choice = read_json(selected)
@@ -84,8 +81,7 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
         result["finetune"] = models["finetune"].metrics
     write_plots(plots, meta, rows, choice, models, splits[-1])
     if report_dir is not None:
-        write_report(report_dir, meta, read_attrs(features), choice, result, models, splits[-1], finetuned,
-                     read_json(sweep) if sweep is not None else None)
+        write_report(report_dir, meta, read_attrs(features), choice, result, models, splits[-1], finetuned)
     return result
 
 
@@ -106,8 +102,8 @@ def write_plots(plots: Path, meta: dict, rows: list[dict], choice: dict, models:
 
 
 def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result: dict, models: dict[str, Scores],
-                 plot_split: str, finetuned: Path | None, sweep: dict | None = None) -> None:
-    """report.md and its figures (heads bar chart, confusion matrices, fine-tune curves, backbone sweep)."""
+                 plot_split: str, finetuned: Path | None) -> None:
+    """report.md and its figures (heads bar chart, confusion matrices, fine-tune curves)."""
     classes = meta["classes"]
     figures = {"heads": "heads.png", "misclassified": "../plots/misclassified.png"}
     report.plot_heads(report_dir / "heads.png", choice["ranking"])
@@ -125,12 +121,8 @@ def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result
     matrix = confusion_matrix(best.labels[plot_split], best.predicted[plot_split], len(classes))
     shown = {**result, "classes": classes, "per_class_split": plot_split,
              "most_confused": report.most_confused(matrix, classes)}
-    sweep_lines = None
-    if sweep:
-        comparison.plot_sweep(report_dir / "sweep.png", sweep)
-        sweep_lines = comparison.sweep_section(sweep, "sweep.png")
     report.write_markdown(report_dir / "report.md", meta=meta, attrs=attrs, selected=choice, result=shown,
-                          finetune_info=info, figures=figures, sweep=sweep_lines)
+                          finetune_info=info, figures=figures)
 
 
 def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicted: np.ndarray) -> None:

@@ -6,7 +6,7 @@ pass, so any head's pooling can be chosen later without running the backbone aga
 How it runs (docs/extraction.md has the measurements):
 
 - Input: DataLoader workers hand over uint8 pixels, or JPEG bytes that nvjpeg decodes on the GPU
-  (`extract.decode`, see pipeline/loader.py); normalisation happens on the device. The network runs in
+  (`extract.decode`, see pipeline/core/loader.py); normalisation happens on the device. The network runs in
   channels_last (1.3x faster on CPU, the layout tensor cores want on GPU), bf16 autocast with `extract.precision: bf16`.
   On a CPU, freed memory stays in the heap during the run (`retained_heap`): 2.3x faster, no kernel page faults.
 - Overlap: the device-to-host copy of a batch's features is asynchronous and is waited for only after the next
@@ -238,15 +238,16 @@ def _run_rows(net: FeatureNet, pre: Preprocess, root: Path, rows: list[dict], to
     return ran, reuse.reused
 
 
-def _open_store(cfg: ExtractConfig, out: Path, fingerprint: dict, is_main: bool) -> FeatureStore | None:
-    """The feature store for this extraction's settings (None when `extract.store` is null; `auto`: beside `out`).
+def _open_store(cfg: ExtractConfig, index_dir: Path, fingerprint: dict, is_main: bool) -> FeatureStore | None:
+    """The feature store for this extraction's settings (None when `extract.store` is null; `auto`: beside the
+    index folder, shared by every extraction of that index).
 
     Its key leaves out what does not change a row's bits: the index (rows outlive index changes), the classes and
     the checkpoint size."""
     if cfg.store is None:
         return None
     key = {k: v for k, v in fingerprint.items() if k not in ("index_sha256", "classes", "checkpoint_rows")}
-    store = FeatureStore.open(store_root(cfg.store, out), key)
+    store = FeatureStore.open(store_root(cfg.store, index_dir), key)
     if is_main:
         log.info("extract: feature store %s holds %d rows for these settings", store.folder, len(store.rows))
     return store
@@ -317,7 +318,7 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
             log.info("extract: resuming from %s: %d of %d rows already extracted, %d to go", partial, resumed,
                      len(rows), len(rows) - resumed)
         writer = CheckpointWriter(partial, spans, net.widths, cfg.dtype)
-        store = _open_store(cfg, out, fingerprint, info.is_main)
+        store = _open_store(cfg, index_dir, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
             extracted, reused = _run_rows(net, pre, Path(meta["source"]), rows, mine, writer, cfg, device, store)
         if store is not None:

@@ -1,6 +1,6 @@
 """Image loading and transforms shared by extraction, fine-tuning, evaluation and prediction.
 
-One definition of preprocessing, driven by the backbone's :class:`~pipeline.backbone.Preprocess`, so the features
+One definition of preprocessing, driven by the backbone's :class:`~pipeline.core.backbone.Preprocess`, so the features
 cached at extraction and the images seen by the fine-tuned network are computed the same way.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two decoders, chosen by `extract.decode` (it changes the pixels, so it is an output-changing param):
 
 - `pil` (default): `load_rgb` + PIL resize and centre crop in the DataLoader workers, exactly the pixels of
-  :func:`pipeline.data.eval_transform`. Any format PIL reads.
+  :func:`pipeline.core.images.eval_transform`. Any format PIL reads.
 - `torchcodec`: JPEGs are decoded by `torchcodec.decoders.decode_jpeg` (libjpeg-turbo in the workers on CPU, nvjpeg
   on the GPU in batched calls) and resized on the device; other formats, and JPEGs neither decoder takes
   (CMYK), fall back to the `pil` path. On a GPU the workers only read bytes, so the CPU is no longer the bottleneck.

@@ -178,6 +178,23 @@ def _heads_section(selected: dict, figures: dict[str, str]) -> list[str]:
     ]
 
 
+_KEPT = {
+    "last": "`finetune.select: last`: the last epoch, unless the warm start scores better on val",
+    "accuracy": "`finetune.select: accuracy`: the best val accuracy, ties to the lower loss",
+    "loss": "`finetune.select: loss`: the lowest val loss",
+}
+
+
+def _averaged(ft: dict) -> str:
+    """What the validated and kept weights are when averaging is on: not one epoch's last step."""
+    if ft.get("swa_start", 0) > 0:
+        return (f"; the weights validated and kept are the uniform average (SWA) of every step from "
+                f"{ft['swa_start']:g} of the run on, not the last step's")
+    if ft.get("ema_decay", 0) > 0:
+        return f"; the weights validated and kept are an exponential moving average (decay {ft['ema_decay']:g})"
+    return ""
+
+
 def _finetune_section(info: dict, figures: dict[str, str]) -> list[str]:
     ft = info["finetune"]
     parity = info.get("parity")
@@ -187,8 +204,8 @@ def _finetune_section(info: dict, figures: dict[str, str]) -> list[str]:
     return [
         "## Fine-tune (LP-FT)",
         f"{start} {ft['epochs']} epochs, head lr {ft['lr']}, "
-        f"body lr x{ft['body_lr_ratio']}, BatchNorm `{ft['bn']}`; best epoch {info['best_epoch']} "
-        "(epoch 0 = the warm start itself).",
+        f"body lr x{ft['body_lr_ratio']}, BatchNorm `{ft['bn']}`; kept: epoch {info['best_epoch']} "
+        f"(epoch 0 = the warm start itself; {_KEPT.get(ft.get('select', 'last'), '')}){_averaged(ft)}.",
         "",
         _table(["epoch", "train loss", "val loss", "val accuracy"],
                [[h["epoch"], "-" if h.get("train_loss") is None else f"{h['train_loss']:.4f}",
@@ -261,19 +278,19 @@ _REPRODUCE = [
     "git clone <this repository> && cd <it>",
     "make repro          # installs requirements.lock into .venv, then runs `dvc repro`",
     ".venv/bin/python -m pipeline.verify   # compares the outputs with the committed ones",
-    ".venv/bin/dvc metrics show",
+    ".venv/bin/python -m pipeline.summary   # the headline numbers (all of them: dvc metrics show)",
     "```",
     "",
 ]
 
 
 def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
-                   figures: dict[str, str], sweep: list[str] | None = None) -> None:
-    """report.md: data, backbone, heads, fine-tune, best model, the backbone sweep, figures, how to reproduce."""
+                   figures: dict[str, str]) -> None:
+    """report.md: data, backbone, heads, fine-tune, best model, figures, how to reproduce."""
     parts = [*_HEADER, *_data_section(meta), *_backbone_section(attrs), *_heads_section(selected, figures)]
     if finetune_info is not None:
         parts += _finetune_section(finetune_info, figures)
-    parts += [*_result_section(result, figures), *(sweep or []), *_REPRODUCE]
+    parts += [*_result_section(result, figures), *_REPRODUCE]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts))

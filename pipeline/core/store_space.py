@@ -143,15 +143,20 @@ class StoreError(PipelineError, ValueError):
     """A store command that cannot be done as asked (no store, an unknown key); the message says what to do."""
 
 
-def store_root(store: str | None, out: Path) -> Path:
-    """The store folder `extract.store` names for the features file `out` (`auto`: `feature_store/` beside it).
+def store_root(store: str | None, index_dir: Path) -> Path:
+    """The store folder `extract.store` names (`auto`: `feature_store/` beside the index folder: data/feature_store
+    for data/prepared).
+
+    Why beside the index and not beside the features file: every extraction of one index (the main one and each
+    sweep backbone, whose files lie in other folders) must share one store, so that a backbone is never extracted
+    twice, whichever stage extracts it.
 
     Raises:
         StoreError: `extract.store` is null (there is no store).
     """
     if store is None:
         raise StoreError("extract.store is null: there is no feature store (give its folder with --store)")
-    return Path(out).parent / "feature_store" if store == "auto" else Path(store)
+    return Path(index_dir).parent / "feature_store" if store == "auto" else Path(store)
 
 
 def list_store(root: Path) -> list[str]:

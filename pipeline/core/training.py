@@ -3,7 +3,7 @@
 Before any step it checks on val that backbone + head reproduce the head's own predictions from the cached features
 (logits within `finetune.parity_atol`, argmax flips at most `finetune.parity_max_flips`), and stops loudly otherwise:
 a mismatch means the features, the preprocessing or the head conversion are not what the head was fitted on.
-Training (pipeline/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
+Training (pipeline/core/optim.py): AdamW with discriminative learning rates, warm-up + cosine (or one-cycle), a BatchNorm
 policy, an optional head-first phase, light augmentation, gradient clipping, bf16 autocast on request, early stopping
 weight averaging (SWA or EMA), and the checkpoint of the last (or the best-on-val) epoch. The warm start itself is
 epoch 0 and is kept when that epoch does not beat it on val, so the saved model is never worse on val than the head.

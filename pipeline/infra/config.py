@@ -138,7 +138,8 @@ class ExtractConfig:
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
     `store`: folder of the feature store (pipeline/core/feature_store.py): rows already extracted with the same
     settings are reused by content hash, so a grown image folder sends only its new images through the backbone;
-    `auto` is `feature_store/` beside the features file, null turns it off. Outside DVC's outputs.
+    `auto` is `feature_store/` beside the index folder (data/feature_store), shared by the main extraction and
+    the sweep's; null turns it off. Outside DVC's outputs.
     `store_max_gb`: the store's size cap; after each extraction the least recently used settings (whole backbone /
     dtype / preprocessing folders) are removed until it fits (pipeline/core/store_space.py; null: no cap).
     `python -m pipeline.store` lists and removes settings.
@@ -243,7 +244,7 @@ class HeadsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Whole-network fine-tuning warm-started from the selected head (LP-FT); see pipeline/optim.py for `bn`.
+    """Whole-network fine-tuning warm-started from the selected head (LP-FT); see pipeline/core/optim.py for `bn`.
 
     Learning rates: head `lr`, body `body_lr_ratio` x `lr`, and with `layer_decay` < 1 each body layer below the top
     a further factor `layer_decay` lower. `freeze_epochs`: a first phase training only the head (and BatchNorm under
@@ -310,20 +311,19 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """The backbone sweep: extract and both heads for each backbone (a DVC `matrix`), then one comparison.
+    """The backbone sweep (opt-in): extract and both heads for each backbone listed (a DVC `matrix`), then one
+    comparison with the main backbone, whose row comes from the main pipeline (no second extraction).
 
-    `backbones`: timm or torchvision names (no `hf-hub:` or `local-dir:`: they become folder names); `weights`:
-    for every one of them (`bundled` covers the three EfficientNet-Lite). The other params (image size, extract,
-    heads) are the pipeline's own.
+    `backbones`: timm or torchvision names other than `backbone.name` (no `hf-hub:` or `local-dir:`: they become
+    folder names); empty (the default): only the main backbone is compared, and nothing more is extracted.
+    `weights`: for every one of them (`bundled` covers the three EfficientNet-Lite; changing it reruns them all).
+    The other params (image size, extract, heads) are the pipeline's own.
     """
 
-    backbones: list[str] = dataclasses.field(
-        default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+    backbones: list[str] = dataclasses.field(default_factory=list)
     weights: str = "bundled"
 
     def validate(self, prefix: str) -> None:
-        if not self.backbones:
-            raise ConfigError(f"{prefix}.backbones must list at least one backbone")
         if len(set(self.backbones)) != len(self.backbones):
             raise ConfigError(f"{prefix}.backbones lists a backbone twice")
         for name in self.backbones:

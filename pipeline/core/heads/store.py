@@ -154,6 +154,14 @@ def _load_inputs(features: Path, split: str, pooling: str, in_memory: bool) -> n
     return read_inputs(features, split, pooling) if in_memory else StreamedInputs(features, split, pooling, shape)
 
 
+def _features_summary(spec: dict) -> dict:
+    """Backbone, weights, crop size, pooling and width of the features a head was fitted on."""
+    features = spec["features"]
+    return {"backbone": features["backbone"], "weights": features["weights"],
+            "image_size": (features.get("preprocess") or {}).get("size"), "pooling": spec["pooling"],
+            "in_features": spec["in_features"]}
+
+
 def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
     """Fits head `name` with its config; returns the module, its spec and its metrics.
 
@@ -180,7 +188,9 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, dict, dict]:
             "features": {k: attrs.get(k) for k in FINGERPRINT_KEYS}}
     spec[BINDING_KEY] = class_binding(classes, spec["features"])
     spec.update(kind.architecture(cfg))
-    metrics = {"train": stream_metrics(module, x_train, y_train, len(classes)),
+    # What the head was fitted on travels with its scores, so a comparison of backbones (pipeline.compare) reads
+    # one file per head and never the features themselves.
+    metrics = {"features": _features_summary(spec), "train": stream_metrics(module, x_train, y_train, len(classes)),
                "val": stream_metrics(module, x_val, y_val, len(classes))}
     log.info("heads@%s: val accuracy %.4f (loss %.4f), train accuracy %.4f, %.1f s", name,
              metrics["val"]["accuracy"], metrics["val"]["loss"], metrics["train"]["accuracy"],
