@@ -182,11 +182,12 @@ def _png(path: Path) -> Path:
     ("--top-k", "0", "predict: error: --top-k 0: give how many classes to list per image, 1 or more"),
     ("--top-k", "-1", "predict: error: --top-k -1: give how many classes to list per image, 1 or more"),
     ("--batch-size", "0", "predict: error: --batch-size 0: give the number of images per batch, 1 to 65,536"),
-])
-def test_predict_count_flags_out_of_range_are_one_line(tmp_path, flag, value, message):
-    """Issue 28: each of these was a traceback from torch (topk, DataLoader) after the model had been loaded."""
+], ids=["top-k-0", "top-k-negative", "batch-size-0"])
+def test_predict_count_flags_out_of_range_are_one_line(models, tmp_path, flag, value, message):
+    """Issue 28: each of these was a traceback from torch (topk, DataLoader) after the model had been loaded (real
+    models here, so that the old code reaches that point)."""
     image = _png(tmp_path / "one.png")
-    proc = _run_predict(tmp_path / "models", str(image), tmp_path / "pred.csv", flag, value)
+    proc = _run_predict(models, str(image), tmp_path / "pred.csv", "--model", "head", flag, value)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert message in proc.stderr.splitlines()
     assert not (tmp_path / "pred.csv").exists()
@@ -201,7 +202,8 @@ def test_predict_count_flags_out_of_range_are_one_line(tmp_path, flag, value, me
     (["--out", "{tmp}/one.png/pred.csv"], "--out {tmp}/one.png/pred.csv: '{tmp}/one.png' is a file, not a folder"),
     (["--models-dir", "{tmp}/nowhere"], "--models-dir {tmp}/nowhere does not exist; run `dvc repro` first, or give "
                                         "the folder it wrote the models to"),
-])
+], ids=["batch-size-too-large", "workers-negative", "device-unknown", "device-absent", "out-a-folder",
+        "out-under-a-file", "models-dir-missing"])
 def test_predict_every_other_flag_is_checked_with_one_line(tmp_path, argv, message):
     """The other flags: a traceback from torch or from the CSV writer (after predicting everything) before."""
     from pipeline import predict
