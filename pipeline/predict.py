@@ -3,7 +3,8 @@
 Preprocessing, classes and weights come from the saved artefacts (`models/finetune/model.json`, or the head's
 `head.json` and the features fingerprint it records), never from guesses or from the current params.yaml. Files are
 read in batches on the GPU when there is one; a file that cannot be read gets a row with its error instead of
-stopping the run.
+stopping the run, and files in a folder that are hidden or have no image extension are counted and named in the log.
+Every flag is checked before any work, with one line naming it.
 
     python -m pipeline.predict photos/ extra.jpg                    # fine-tuned model, CSV to predictions.csv
     python -m pipeline.predict --model head --top-k 2 photos/        # the selected head on the frozen backbone
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", choices=("finetune", "head"), default="finetune",
                         help="the fine-tuned network, or the selected head on the frozen backbone (default: %(default)s)")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="where dvc repro put the models")
-    parser.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"),
+                        help="where dvc repro put the models (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=3,
+                        help="classes listed per image, 1 or more (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0,
