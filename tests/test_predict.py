@@ -167,3 +167,82 @@ def test_a_bare_cr_in_a_class_folder_name_survives_index_csv(tmp_path):
     assert len(rows) == 16 and meta["classes"] == ["\r=one", "zero\rx"]
     assert {r["class"] for r in rows} == {"zero\rx", "\r=one"}
     assert all(r["path"].startswith(r["class"] + "/") for r in rows)
+
+
+def _png(path: Path) -> Path:
+    """A tiny real PNG (a gradient), enough for a flag check that never opens the model."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--top-k", "0", "predict: error: --top-k 0: give how many classes to list per image, 1 or more"),
+    ("--top-k", "-1", "predict: error: --top-k -1: give how many classes to list per image, 1 or more"),
+    ("--batch-size", "0", "predict: error: --batch-size 0: give the number of images per batch, 1 to 65,536"),
+], ids=["top-k-0", "top-k-negative", "batch-size-0"])
+def test_predict_count_flags_out_of_range_are_one_line(models, tmp_path, flag, value, message):
+    """Issue 28: each of these was a traceback from torch (topk, DataLoader) after the model had been loaded (real
+    models here, so that the old code reaches that point)."""
+    image = _png(tmp_path / "one.png")
+    proc = _run_predict(models, str(image), tmp_path / "pred.csv", "--model", "head", flag, value)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.splitlines()
+    assert not (tmp_path / "pred.csv").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "70000"], "--batch-size 70000: give the number of images per batch, 1 to 65,536"),
+    (["--workers", "-1"], "--workers -1: give the number of decoding processes, 0 (decode in this process) to 256"),
+    (["--device", "gpu0"], "--device 'gpu0': not a device; give auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no GPU here, or not that many: either way one line
+    (["--out", "{tmp}"], "--out {tmp} is a folder; give the CSV file to write, e.g. {tmp}/predictions.csv"),
+    (["--out", "{tmp}/one.png/pred.csv"], "--out {tmp}/one.png/pred.csv: '{tmp}/one.png' is a file, not a folder"),
+    (["--models-dir", "{tmp}/nowhere"], "--models-dir {tmp}/nowhere does not exist; run `dvc repro` first, or give "
+                                        "the folder it wrote the models to"),
+], ids=["batch-size-too-large", "workers-negative", "device-unknown", "device-absent", "out-a-folder",
+        "out-under-a-file", "models-dir-missing"])
+def test_predict_every_other_flag_is_checked_with_one_line(tmp_path, argv, message):
+    """The other flags: a traceback from torch or from the CSV writer (after predicting everything) before."""
+    from pipeline import predict
+    from pipeline.infra.errors import PipelineError
+
+    image = _png(tmp_path / "one.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(PipelineError) as err:
+        predict.main([str(image), *argv])
+    text = str(err.value)
+    assert text.startswith(message.replace("{tmp}", str(tmp_path))) and "\n" not in text, text
+
+
+def test_predict_counts_and_lists_the_files_it_skipped(models, tmp_path):
+    """Issue 28: a non-image (or hidden) file in a folder was left out without a word; now it is counted and named,
+    in its own line and in the summary, and --top-k above the classes says it lists them all."""
+    folder = tmp_path / "in"
+    for i in range(3):
+        _png(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    proc = _run_predict(models, str(folder), tmp_path / "pred.csv", "--model", "head", "--top-k", "9")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"predict: 2 file(s) in the folders skipped (hidden, or not an image extension): {folder}/.DS_Store, "
+            f"{folder}/notes.txt") in proc.stderr
+    assert "3 predicted, 0 unreadable (see the error column), 2 skipped in the folders, written to" in proc.stderr
+    assert "--top-k 9 is more than the model's 3 classes: listing all 3" in proc.stderr
+    with open(tmp_path / "pred.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [Path(g["path"]).name for g in got] == ["0.png", "1.png", "2.png"]
+    assert all(len(g["top_k"].split(";")) == 3 for g in got)
+
+
+def test_predict_a_folder_of_no_images_names_what_it_skipped(tmp_path):
+    from pipeline import predict
+    from pipeline.infra.errors import PipelineError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("text")
+    with pytest.raises(PipelineError, match=r"^no image files found in the given paths \(1 file\(s\) skipped: "
+                                            r".*/in/a\.txt\); image files end in \.bmp, "):
+        predict.main([str(tmp_path / "in"), "--out", str(tmp_path / "pred.csv")])

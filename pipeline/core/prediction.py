@@ -20,7 +20,7 @@ from pipeline.core.heads import load_head
 from pipeline.core.images import eval_transform, load_rgb
 from pipeline.core.network import TransferNet, load_checkpoint
 from pipeline.infra.artifacts import read_json, write_csv
-from pipeline.infra.config import BackboneConfig
+from pipeline.infra.config import MAX_BATCH_SIZE, MAX_WORKERS, BackboneConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import progress_disabled, resolve_device
 
@@ -31,29 +31,80 @@ log = logging.getLogger("pipeline.predict")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
-def collect_files(paths: Iterable[Path | str]) -> list[Path]:
-    """Files named directly (whatever their extension), and image files under folders, in sorted order.
+# What --device accepts: the forms --help lists (torch.device alone would take "meta" or "xla" and fail later)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+# Names of skipped files in one log line: enough to recognise what was left out, short enough for a folder of many
+SHOWN_SKIPPED = 10
+
+
+def check_options(top_k: int, batch_size: int, workers: int, device: str, out: Path) -> None:
+    """Refuses a flag that cannot work, naming it and what to give instead, before any file or model is read.
+
+    Each of these used to end in a traceback from inside torch (topk with k = 0, a DataLoader with batch_size 0 or
+    -1 workers, torch.device("foo")), or, for --out, after every image had been predicted.
+
+    Raises:
+        PipelineError: a count out of range, an unknown or absent device, or an --out that cannot be a file.
+    """
+    if top_k < 1:
+        raise PipelineError(f"--top-k {top_k}: give how many classes to list per image, 1 or more")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise PipelineError(f"--batch-size {batch_size}: give the number of images per batch, 1 to {MAX_BATCH_SIZE:,}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise PipelineError(f"--workers {workers}: give the number of decoding processes, 0 (decode in this process) "
+                            f"to {MAX_WORKERS}")
+    if not _DEVICE.match(device):
+        raise PipelineError(f"--device '{device}': not a device; give auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PipelineError(f"--device {device}: no CUDA GPU is available here; give --device cpu (or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise PipelineError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                                f"cuda:{count - 1}; give one of them, or auto")
+    if out.is_dir():
+        raise PipelineError(f"--out {out} is a folder; give the CSV file to write, e.g. {out / 'predictions.csv'}")
+    above = next((p for p in out.parents if p.exists()), None)  # the CSV's folder is created when missing
+    if above is not None and not above.is_dir():
+        raise PipelineError(f"--out {out}: '{above}' is a file, not a folder; give a CSV path in a folder")
+
+
+def describe_files(files: list[Path], limit: int = SHOWN_SKIPPED) -> str:
+    """The first `limit` paths, comma-separated, and how many more there are."""
+    shown = ", ".join(str(f) for f in files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def collect_files(paths: Iterable[Path | str]) -> tuple[list[Path], list[Path]]:
+    """Files named directly (whatever their extension), and image files under folders, in sorted order; also the
+    files under those folders that were left out (hidden, or without an image extension), so they can be counted.
 
     Raises:
         PipelineError: a URL (not downloaded: predict reads local files only), a path that does not exist, or no
             image file at all.
     """
     files: list[Path] = []
+    skipped: list[Path] = []
     for given in paths:
         if _URL.match(str(given)):
             raise PipelineError(f"'{given}' is a URL; URLs are not supported: download the file and give its local "
                                 "path")
         p = Path(given)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                            and f.suffix.lower() in IMAGE_EXTENSIONS)
+            for f in sorted(f for f in p.rglob("*") if f.is_file()):
+                is_image = not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
+                (files if is_image else skipped).append(f)
         elif p.exists():
             files.append(p)
         else:
             raise PipelineError(f"'{p}' does not exist; give image files or folders of images")
     if not files:
-        raise PipelineError("no image files found in the given paths")
-    return files
+        left = f" ({len(skipped)} file(s) skipped: {describe_files(skipped)})" if skipped else ""
+        raise PipelineError(f"no image files found in the given paths{left}; image files end in "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return files, skipped
 
 
 class _Files(Dataset):
@@ -74,6 +125,10 @@ class _Files(Dataset):
 
 def load_model(kind: str, models_dir: Path) -> tuple[torch.nn.Module, Preprocess, list[str], str]:
     """The network to predict with, its preprocessing, its classes and a description of it."""
+    if not models_dir.is_dir():
+        state = "is not a folder" if models_dir.exists() else "does not exist"
+        raise PipelineError(f"--models-dir {models_dir} {state}; run `dvc repro` first, or give the folder it wrote "
+                            "the models to")
     if kind == "finetune":
         ckpt = models_dir / "finetune"
         if not (ckpt / "model.json").is_file():
