@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Stage commands in dvc.yaml say `python`: it must be the venv's, activated or not.
-WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
+WITH_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 # The lock `make setup` installs: requirements.lock (PyPI's CUDA torch and all it loads) where an NVIDIA driver is,
 # else requirements-cpu.lock, the same less what only a GPU loads (~0.9 GB; tools/cpu_lock.py says what and why), which
