@@ -3,16 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Stage commands in dvc.yaml say `python`: it must be the venv's, activated or not.
-WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH"
+WITH_VENV := PATH="$(abspath $(BIN)):$$PATH"
+
+# The lock `make setup` installs: requirements.lock (PyPI's CUDA torch and all it loads) where an NVIDIA driver is,
+# else requirements-cpu.lock, the same less what only a GPU loads (~0.9 GB; tools/cpu_lock.py says what and why), which
+# has the same torch binary, so results are the same bytes. Override: `make setup LOCK=requirements.lock`.
+NVIDIA_DRIVER := $(or $(wildcard /proc/driver/nvidia/version),$(shell command -v nvidia-smi 2>/dev/null))
+LOCK ?= $(if $(NVIDIA_DRIVER),requirements.lock,requirements-cpu.lock)
+STAMP := $(VENV)/.installed.$(notdir $(LOCK))
 
 .PHONY: setup repro test check-repro lock clean
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
-$(VENV)/.installed: requirements.lock
+# One stamp per lock, so switching locks reinstalls; then the venv is synced to the lock: whatever it does not pin
+# (the GPU-only packages after a switch to the CPU lock, a package dropped from the lock) is uninstalled. The CPU lock
+# goes in with --no-deps: it is a complete freeze, and a resolver would pull the dropped packages back in.
+$(STAMP): $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet $(if $(filter-out requirements.lock,$(notdir $(LOCK))),--no-deps) -r $(LOCK)
+	$(BIN)/pip freeze | grep -vxFf $(LOCK) | sed 's/==.*//' | xargs -r $(BIN)/pip uninstall --quiet -y
+	rm -f $(VENV)/.installed*
 	touch $@
 
 repro: setup
@@ -33,10 +45,11 @@ check-repro: setup
 	@changed="$$(git status --porcelain)"; if [ -n "$$changed" ]; then \
 	  echo "check-repro: the run changed tracked or unignored files:"; echo "$$changed"; exit 1; fi
 
-lock:  # refresh requirements.lock from requirements.in in a clean venv
+lock:  # refresh requirements.lock from requirements.in in a clean venv, then requirements-cpu.lock from it
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet -r requirements.in
 	(echo "# pip freeze of requirements.in on Linux x86_64, CPython 3.11. Refresh: see README, 'Pinning'."; \
 	 .lockenv/bin/pip freeze) > requirements.lock && rm -rf .lockenv
+	$(PYTHON) tools/cpu_lock.py
 
 clean:
 	rm -rf $(VENV)
