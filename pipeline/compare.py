@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.comparison import best, collect, plot_sweep, speeds, sweep_table, write_plot_rows
+from pipeline.core.evaluate.comparison import best, collect, plot_sweep, speeds, sweep_table, write_plot_rows
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.digits import write_digits
+from pipeline.core.data.digits import write_digits
 from pipeline.infra.runner import run_main, stage_parser
 
 log = logging.getLogger("pipeline.embedded")

@@ -16,7 +16,14 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.core.prediction import check_options, collect_files, describe_files, load_model, predict, write_rows
+from pipeline.core.evaluate.prediction import (
+    check_options,
+    collect_files,
+    describe_files,
+    load_model,
+    predict,
+    write_rows,
+)
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runner import run_main, stage_parser
 

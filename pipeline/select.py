@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.selection import select_head
+from pipeline.core.heads.selection import select_head
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.runner import run_main, stage_parser
 

@@ -26,8 +26,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.core.tolerance import Tolerances
-from pipeline.core.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
+from pipeline.core.evaluate.tolerance import Tolerances
+from pipeline.core.evaluate.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
 from pipeline.infra import provenance
 from pipeline.infra.dvc_cache import cache_report
 from pipeline.infra.runner import run_main, stage_parser
