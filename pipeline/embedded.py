@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.core.data.digits import write_digits
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.embedded")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:

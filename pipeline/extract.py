@@ -26,7 +26,7 @@ from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:

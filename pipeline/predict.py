@@ -27,7 +27,7 @@ from pipeline.core.evaluate.prediction import (
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.predict")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from pipeline.core.heads.search import (
 from pipeline.infra.config import HeadsConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.search")
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -181,7 +181,7 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
     calls = []
     real = ex._run_rows
     monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         summary = ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(24, 32), (32, 40), (40, 48)]] and summary["rows_resumed"] == 36
     assert "resuming from" in caplog.text
@@ -192,7 +192,7 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
     (partial / "fingerprint.json").write_text('{"dtype": "float16"}')
     (partial / "rows-0000000000-0000000008.h5").write_bytes(b"not these")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         ex.extract_features(digits60["index"], out, BB32, cfg)
     assert "discarding the partial extraction" in caplog.text and "dtype" in caplog.text
     assert sha256(out) == sha256(digits60["ref"])
@@ -221,7 +221,7 @@ def test_damaged_checkpoint_is_recomputed_never_merged(digits60, tmp_path: Path,
     calls = []
     real = ex._run_rows
     monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(16, 24)]]
     assert "does not match its checksum (damaged on disk); recomputing its rows 16-24" in caplog.text
@@ -498,7 +498,7 @@ def test_deprecated_alias_is_logged_once(tmp_path: Path, caplog):
 
     loader._log_deprecated_alias.cache_clear()
     _, pre, _ = build_backbone(BackboneConfig(image_size=32), load_weights=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
         for _ in range(3):
             ExtractDataset(tmp_path, [], [], pre, "torchvision")
         ExtractDataset(tmp_path, [], [], pre, "torchcodec")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-log = logging.getLogger("pipeline.embedded")
+log = logging.getLogger(__name__)
 
 
 def write_digits(out: Path) -> int:

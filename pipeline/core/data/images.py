@@ -23,7 +23,7 @@ from pipeline.infra.errors import PipelineError
 if TYPE_CHECKING:
     from torchvision.transforms import InterpolationMode
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger(__name__)
 
 
 def _transforms():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.infra.artifacts import write_json
 
-log = logging.getLogger("pipeline.prepare")
+log = logging.getLogger(__name__)
 
 VERSION = 2  # 2: files keyed on ctime and inode too (a version-1 cache is not used)
 

@@ -25,7 +25,7 @@ from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_csv
 from pipeline.infra.runtime import resolve_device
 
-log = logging.getLogger("pipeline.evaluate")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pipeline.infra.config import MAX_BATCH_SIZE, MAX_WORKERS, BackboneConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import progress_disabled, resolve_device
 
-log = logging.getLogger("pipeline.predict")
+log = logging.getLogger(__name__)
 
 
 # scheme:// as typed (http, https, s3, gs, ftp, file...); also the one-slash form Path() makes of it

@@ -26,7 +26,7 @@ from pipeline.infra import provenance
 from pipeline.infra.artifacts import atomic_path, sha256_file, write_json
 from pipeline.infra.errors import PipelineError
 
-log = logging.getLogger("pipeline.verify")
+log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 64
 SAME, CLOSE, DIFFERENT = "same", "within tolerance", "different"

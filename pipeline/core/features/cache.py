@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.core.models.feature_sets import FEATURE_SETS, pooling_datasets
 from pipeline.infra.errors import PipelineError
 
-log = logging.getLogger("pipeline.features")
+log = logging.getLogger(__name__)
 
 
 RERUN = "run `dvc repro` (or `python -m pipeline.extract`) to extract them again"

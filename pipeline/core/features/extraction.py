@@ -66,7 +66,7 @@ from pipeline.infra.errors import PipelineError
 from pipeline.infra.locks import exclusive_output
 from pipeline.infra.runtime import dist_info, progress_disabled, resolve_device, retained_heap, set_deterministic
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger(__name__)
 
 # Ranks wait at barriers for the slowest rank's share of work (at most one checkpoint more than the others) and,
 # at start, for rank 0 to load weights; generous, since a timeout kills the whole run.

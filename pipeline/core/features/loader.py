@@ -40,7 +40,7 @@ from torchvision.transforms.v2 import functional as F2
 from pipeline.core.data.images import ImageLimits, aspect_problem, geometry, load_rgb
 from pipeline.core.data.preprocess import Preprocess
 
-log = logging.getLogger("pipeline.loader")
+log = logging.getLogger(__name__)
 
 Decode = Literal["pil", "torchcodec", "torchvision"]
 # Values of `extract.decode` that take the JPEG route; `torchvision` is the deprecated name of `torchcodec`.

@@ -25,7 +25,7 @@ from pipeline.core.models.feature_sets import FEATURE_SETS
 from pipeline.infra.artifacts import atomic_path, check_free_space, read_json, write_json
 from pipeline.infra.errors import PipelineError
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256  # HDF5 chunk rows of the final file (full width: one row read never touches two chunks)
 CHECKSUM_ATTR = "sha256"  # checkpoint attribute: SHA-256 of the feature sets (FEATURE_SETS order), then ids

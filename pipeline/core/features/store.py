@@ -39,7 +39,7 @@ import numpy as np
 from pipeline.core.models.feature_sets import FEATURE_SETS
 from pipeline.infra.artifacts import atomic_path
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.h5"
 SETTINGS_FILE = "settings.json"  # the fingerprint; its mtime says when the settings were last used

@@ -26,7 +26,7 @@ import h5py
 from pipeline.core.features.store import SETTINGS_FILE, SHARD_GLOB
 from pipeline.infra.errors import PipelineError
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{16}")  # pipeline.core.features.store.store_key
 GB = 1e9

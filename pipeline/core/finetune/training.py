@@ -51,7 +51,7 @@ from pipeline.infra.runtime import (
     set_deterministic,
 )
 
-log = logging.getLogger("pipeline.finetune")
+log = logging.getLogger(__name__)
 
 
 class ParityError(PipelineError, RuntimeError):

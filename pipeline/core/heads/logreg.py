@@ -25,7 +25,7 @@ from pipeline.infra.config import LogregConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import resolve_device, single_threaded
 
-log = logging.getLogger("pipeline.logreg")
+log = logging.getLogger(__name__)
 
 # `solver: auto` uses scikit-learn up to this many training values (rows x features) and torch above: 20 M values
 # is ~16,000 rows of 1280 features, where scikit-learn's sweep still takes seconds on two cores and its float64

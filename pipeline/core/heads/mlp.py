@@ -35,7 +35,7 @@ from pipeline.infra.runtime import (
     single_threaded,
 )
 
-log = logging.getLogger("pipeline.mlp")
+log = logging.getLogger(__name__)
 
 # Rows per block read from HDF5 when streaming: 16 chunks of 256 rows, 42 MB of catavgmax float32 at 1280 channels.
 STREAM_BLOCK_ROWS = 4096

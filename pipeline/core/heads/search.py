@@ -29,7 +29,7 @@ import yaml
 from pipeline.infra.artifacts import read_json, write_csv, write_json
 from pipeline.infra.config import MAX_SEED, ConfigError, build, to_dict
 
-log = logging.getLogger("pipeline.search")
+log = logging.getLogger(__name__)
 
 METRICS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "train_accuracy", "seconds")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("pipeline.select")
+log = logging.getLogger(__name__)
 
 
 def select_head(metrics: dict[str, dict]) -> dict:
