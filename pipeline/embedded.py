@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.core.data.digits import write_digits
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.embedded")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

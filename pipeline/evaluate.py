@@ -17,7 +17,7 @@ from pipeline.core.evaluate.evaluation import evaluate
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.evaluate")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

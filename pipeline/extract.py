@@ -26,7 +26,7 @@ from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.extract")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

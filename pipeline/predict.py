@@ -27,7 +27,7 @@ from pipeline.core.evaluate.prediction import (
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.predict")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from pipeline.core.heads.search import (
 from pipeline.infra.config import HeadsConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.search")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

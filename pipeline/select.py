@@ -14,7 +14,7 @@ from pipeline.core.heads.selection import select_head
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.select")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from pipeline.core.features.store_space import list_store, remove_settings, stor
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.store")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

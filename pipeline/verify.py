@@ -32,7 +32,7 @@ from pipeline.infra import provenance
 from pipeline.infra.dvc_cache import cache_report
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.verify")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:
