@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.core.dataset import read_index
-from pipeline.core.heads import load_head
-from pipeline.core.images import ImageDataset, eval_transform, train_transform
-from pipeline.core.metrics import split_metrics
-from pipeline.core.network import predict_logits, warm_started
+from pipeline.core.data.images import ImageDataset, eval_transform, train_transform
+from pipeline.core.data.index import read_index
+from pipeline.core.finetune.network import predict_logits, warm_started
+from pipeline.core.heads.fitting import load_head
+from pipeline.core.heads.metrics import split_metrics
 from pipeline.infra.config import BackboneConfig
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     net, pre = warm_started(BackboneConfig(image_size=args.image_size), head, spec)
     net = net.to(memory_format=torch.channels_last).eval()
     labels = np.array([int(r["label"]) for r in train])
-    print(f"# head {spec['head']} on {len(train)} train images, {pre.size} px, {platform.machine()} CPU")
+    print(f"# head {spec.head} on {len(train)} train images, {pre.size} px, {platform.machine()} CPU")
     for name, transform in [("eval view (centre crop: the cached features)", eval_transform(pre)),
                             ("augment: shift", train_transform(pre, "shift", args.crop_scale, False)),
                             (f"augment: resized_crop (scale {args.crop_scale})",

@@ -109,7 +109,7 @@ def cycled(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
 def write_index(folder: Path, root: Path, classes: list[str], samples: list[tuple[str, int]]) -> Path:
     """The two files `pipeline.prepare.read_index` reads, for exactly these samples (all in split 'train'), with
     each file's content hash as prepare writes it (a cycled list repeats files: the same hash on several rows)."""
-    from pipeline.core.dataset import INDEX_FIELDS
+    from pipeline.core.data.index import INDEX_FIELDS
 
     folder.mkdir(parents=True, exist_ok=True)
     digests = {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in {p for p, _ in samples}}
@@ -144,8 +144,8 @@ def child_textbook(a: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.core.backbone import build_backbone
-    from pipeline.core.pooling import pool_avg_max
+    from pipeline.core.models.backbone import build_backbone
+    from pipeline.core.models.pooling import pool_avg_max
     from pipeline.infra.config import BackboneConfig
 
     device = torch.device(a.device)
@@ -169,7 +169,7 @@ def child_textbook(a: argparse.Namespace) -> dict:
 
 
 def child_pipeline(a: argparse.Namespace) -> dict:
-    from pipeline.core.extraction import extract_features
+    from pipeline.core.features.extraction import extract_features
     from pipeline.infra.config import BackboneConfig, ExtractConfig
 
     out = Path(a.out)
@@ -200,10 +200,10 @@ def child_parts(a: argparse.Namespace) -> dict:
 def _parts(a: argparse.Namespace) -> dict:
     import torch
 
-    from pipeline.core.backbone import build_backbone
-    from pipeline.core.dataset import read_index
-    from pipeline.core.extraction import forward_pooled
-    from pipeline.core.loader import DeviceInput, ExtractDataset, make_loader
+    from pipeline.core.data.index import read_index
+    from pipeline.core.features.extraction import forward_pooled
+    from pipeline.core.features.loader import DeviceInput, ExtractDataset, make_loader
+    from pipeline.core.models.backbone import build_backbone
     from pipeline.infra.config import BackboneConfig
     from pipeline.infra.runtime import set_deterministic
 
@@ -254,7 +254,7 @@ def use_jpeg_decoder(name: str) -> None:
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipeline.core import loader
+    from pipeline.core.features.cache import loader
 
     # What is measured is the deprecated decoder itself; its warning would only fill the log of every call.
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -269,9 +269,9 @@ def child_decode(a: argparse.Namespace) -> dict:
     """One JPEG decoder through the route: alone (full size), the route's per-image work, the input path."""
     import torch
 
-    from pipeline.core import loader
-    from pipeline.core.backbone import build_backbone
-    from pipeline.core.dataset import read_index
+    from pipeline.core.data.index import read_index
+    from pipeline.core.features.cache import loader
+    from pipeline.core.models.backbone import build_backbone
     from pipeline.infra.config import BackboneConfig
 
     device = torch.device(a.device)

@@ -1,5 +1,5 @@
 """What the portable convolutions cost: the fine-tune with PyTorch's own CPU kernels (oneDNN's backward, whose bytes
-depend on the CPU model) against pipeline/core/portable_conv.py (the default), side by side in one process.
+depend on the CPU model) against pipeline/core/finetune/portable_conv.py (the default), side by side in one process.
 
 Two measurements, each alternating the two kernel choices so that a busy machine slows both alike:
 - `steps`: seconds per training step of the stage's own `train_step` (bundled Lite0 + linear head, default
@@ -34,7 +34,7 @@ import time  # noqa: E402
 
 
 def _kernels(name: str, device):
-    from pipeline.core.portable_conv import training_convolutions
+    from pipeline.core.finetune.portable_conv import training_convolutions
 
     return contextlib.nullcontext() if name == "pytorch" else training_convolutions(device, "fp32")
 
@@ -43,10 +43,10 @@ def time_steps(steps: int, batch: int, size: int) -> dict[str, list[float]]:
     """Seconds per `train_step` for each kernel choice, interleaved step by step."""
     import torch
 
-    from pipeline.core.backbone import build_backbone
-    from pipeline.core.network import TransferNet
-    from pipeline.core.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
-    from pipeline.core.training import train_step
+    from pipeline.core.finetune.network import TransferNet
+    from pipeline.core.finetune.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
+    from pipeline.core.finetune.training import train_step
+    from pipeline.core.models.backbone import build_backbone
     from pipeline.infra.config import BackboneConfig, FinetuneConfig
     from pipeline.infra.runtime import retained_heap, set_deterministic
 
@@ -83,7 +83,7 @@ def time_stage(epochs: int | None) -> dict[str, float]:
 
     import torch
 
-    import pipeline.core.training as training
+    import pipeline.core.finetune.training as training
     from pipeline.infra.config import load_section
 
     cfg = load_section("finetune", REPO / "params.yaml")

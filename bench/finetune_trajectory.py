@@ -39,15 +39,15 @@ def _trajectory(work: Path, seed: int, overrides: dict) -> list[dict]:
     import torch.nn as nn
     from torch.utils.data import DataLoader
 
-    from pipeline.core import training
-    from pipeline.core.averaging import ExponentialAverage, TailAverage
-    from pipeline.core.backbone import resolve_image_size
-    from pipeline.core.dataset import read_image_sizes, read_index
-    from pipeline.core.features import verify_features
-    from pipeline.core.images import ImageDataset, eval_transform
-    from pipeline.core.metrics import split_metrics
-    from pipeline.core.network import predict_logits
-    from pipeline.core.optim import make_optimizer, make_scheduler
+    from pipeline.core.data.images import ImageDataset, eval_transform
+    from pipeline.core.data.index import read_image_sizes, read_index
+    from pipeline.core.features.staleness import verify_features
+    from pipeline.core.finetune import training
+    from pipeline.core.finetune.averaging import ExponentialAverage, TailAverage
+    from pipeline.core.finetune.network import predict_logits
+    from pipeline.core.finetune.optim import make_optimizer, make_scheduler
+    from pipeline.core.heads.metrics import split_metrics
+    from pipeline.core.models.preprocessing import resolve_image_size
     from pipeline.infra.config import load_section
     from pipeline.infra.runtime import dist_info, seed_everything, set_deterministic
 

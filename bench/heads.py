@@ -1,7 +1,7 @@
 """Heads on a large feature cache: wall time, peak memory and val accuracy, against the textbook sweep.
 
 Writes a synthetic cache laid out like extraction's (N rows of D features, avg + max, K classes, train/val) with the
-pipeline's own HDF5 writer (pipeline/core/checkpoints.py), then runs, each in a fresh process so that its peak RSS is
+pipeline's own HDF5 writer (pipeline/core/features/resume.py), then runs, each in a fresh process so that its peak RSS is
 its own:
 
 - `logreg`: the real heads code (`fit_head`), logistic regression on avg pooling (solver `auto`: torch at this size);
@@ -52,7 +52,7 @@ def write_cache(path: Path, n: int, k: int, d: int, val_fraction: float, seed: i
     low-rank subspace, so classes overlap as real features do (val accuracy well below 100 %)."""
     import h5py
 
-    from pipeline.core.checkpoints import create_datasets, write_rows
+    from pipeline.core.features.resume import create_datasets, write_rows
 
     rng = np.random.default_rng(seed)
     n_val = int(n * val_fraction)
@@ -80,7 +80,7 @@ def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.core.heads import fit_head
+    from pipeline.core.heads.fitting import fit_head
     from pipeline.infra.config import LogregConfig, MlpConfig
     from pipeline.infra.runtime import pin_torch_threads
 
@@ -108,9 +108,9 @@ def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> 
                else MlpConfig(epochs=mlp_epochs, patience=mlp_epochs, batch_size=256, in_memory_gb=memory))
         _, spec, metrics = fit_head(head, features, cfg)
         acc = metrics["val"]["accuracy"]
-        read = (n_tr + n_va) * spec["in_features"] * 4
-        detail = {"C": spec["fit"].get("C"), "solver": spec["fit"].get("solver"),
-                  "val_accuracy_per_C": [r["val_accuracy"] for r in spec["fit"].get("search", [])]}
+        read = (n_tr + n_va) * spec.in_features * 4
+        detail = {"C": spec.fit.get("C"), "solver": spec.fit.get("solver"),
+                  "val_accuracy_per_C": [r["val_accuracy"] for r in spec.fit.get("search", [])]}
     wall = time.perf_counter() - t0
     return {"run": run, "wall_s": wall, "peak_rss_above_baseline": _rss_peak_bytes() - base,
             "baseline_rss": base, "feature_bytes": read, "val_accuracy": acc, **detail}

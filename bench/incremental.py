@@ -73,7 +73,7 @@ def _extract_run(repo: Path) -> dict:
 
 def _startup(repo: Path) -> float:
     """What any extract run pays before its first image: interpreter, imports, model build (timed alone)."""
-    code = ("import dataclasses, time; t=time.perf_counter(); from pipeline.core.backbone import build_backbone; "
+    code = ("import dataclasses, time; t=time.perf_counter(); from pipeline.core.models.backbone import build_backbone; "
             "from pipeline.infra.config import load_section; "
             "build_backbone(dataclasses.replace(load_section('backbone', 'params.yaml'), image_size=224))")
     t0 = time.perf_counter()

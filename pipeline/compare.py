@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.comparison import best, collect, plot_sweep, speeds, sweep_table, write_plot_rows
+from pipeline.core.evaluate.comparison import best, collect, plot_sweep, speeds, sweep_table, write_plot_rows
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.compare")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

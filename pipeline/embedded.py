@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.digits import write_digits
+from pipeline.core.data.digits import write_digits
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.embedded")
+log = logging.getLogger("pipeline.embedded")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

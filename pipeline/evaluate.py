@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.evaluation import evaluate
+from pipeline.core.evaluate.evaluation import evaluate
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.evaluate")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads-dir", type=Path, default=Path("models/heads"), help="folder of fitted heads")
     parser.add_argument("--selected", type=Path, default=Path("models/selected.json"), help="select's choice")
     parser.add_argument("--finetuned", type=Path, default=Path("models/finetune"),
-                        help="fine-tuned checkpoint folder; 'none' to score the head alone")
+                        help="fine-tuned model folder; 'none' to score the head alone")
     parser.add_argument("--out", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON to write")
     parser.add_argument("--plots", type=Path, default=Path("plots"),
                         help="folder for the DVC plots (confusion CSVs, heads.csv, misclassified.png)")

@@ -1,19 +1,9 @@
 """Stage `extract`: runs the frozen backbone once over every indexed image and caches pooled features in HDF5.
 
-How it runs (docs/extraction.md has the measurements):
-
-- Input: DataLoader workers hand over uint8 pixels, or JPEG bytes that nvjpeg decodes on the GPU
-  (`extract.decode`, see pipeline/core/loader.py); normalisation happens on the device. The network runs in
-  channels_last (1.3x faster on CPU, the layout tensor cores want on GPU), bf16 autocast with `extract.precision: bf16`.
-  On a CPU, freed memory stays in the heap during the run (`retained_heap`): 2.3x faster, no kernel page faults.
-- Overlap: the device-to-host copy of a batch's features is asynchronous and is waited for only after the next
-  batch has been queued, so the GPU never idles while the host writes.
-- Checkpoints: rows are grouped into checkpoints of `extract.checkpoint_rows`; each finished checkpoint is written as
-  its own small file in `<out>.partial/` (write, then rename). A killed run resumes from the checkpoints it finished.
-- Output: the final file is assembled from the checkpoints into preallocated datasets with full-width chunks, in a
-  temporary file renamed into place at the end, so `<out>` is either absent, the previous file, or complete.
-  Memory stays flat in the number of images: one batch and at most two checkpoints are ever held.
-- torchrun: each rank takes a contiguous share of the checkpoints still to do; rank 0 assembles the one file.
+Each image gets three feature sets (`avg`, `max`, `pre_logits`) from one forward pass, so a head's pooling can be
+chosen later without the backbone. Rows already in the feature store (`extract.store`) are copied, not recomputed;
+a killed run resumes from its last finished checkpoint (`<out>.partial/`); under torchrun each rank extracts a share
+and rank 0 writes the one file. How it runs: pipeline/core/features/extraction.py; measurements: docs/extraction.md.
 
 The file depends only on the index, the backbone and `extract.precision` / `dtype` / `decode`: batch size, workers,
 thread count, checkpoint size, number of processes and interruptions leave its bytes unchanged (same machine, no
@@ -30,13 +20,13 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pipeline.core.extraction import extract_features
+from pipeline.core.features.extraction import extract_features
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.extract")
+log = logging.getLogger("pipeline.extract")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.core.features import verify_features
-from pipeline.core.heads import HEADS, fit_head, save_head
+from pipeline.core.features.staleness import verify_features
+from pipeline.core.heads.fitting import fit_head, save_head
+from pipeline.core.heads.registry import HEADS
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section

@@ -16,11 +16,18 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.core.prediction import check_options, collect_files, describe_files, load_model, predict, write_rows
+from pipeline.core.evaluate.prediction import (
+    check_options,
+    collect_files,
+    describe_files,
+    load_model,
+    predict,
+    write_rows,
+)
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.predict")
+log = logging.getLogger("pipeline.predict")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.dataset import log_summary, scan, write_index
+from pipeline.core.data.scan import log_summary, scan, write_index
 from pipeline.infra.config import DataConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
 

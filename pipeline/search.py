@@ -1,7 +1,7 @@
 """Grid or random search over one head's params on the cached features: one table, and the best params.
 
 Each point is params.yaml's `heads.<head>` section with the `--grid` keys replaced, fitted exactly as the
-`heads@<head>` stage fits it (pipeline/core/search.py); only data/features.h5 is read, so a point costs one head fit
+`heads@<head>` stage fits it (pipeline/core/heads/search.py); only data/features.h5 is read, so a point costs one head fit
 (seconds on the default data). Not a DVC stage: it writes `<out>/table.csv` (one row per point: the params varied,
 val accuracy and loss, balanced accuracy, train accuracy, seconds; points numbered from 1) and `<out>/search.json`
 (the rows, the best point and the `dvc exp run -S ...` line that runs the pipeline with it), replacing an earlier
@@ -17,8 +17,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from pipeline.core.features import verify_features
-from pipeline.core.search import (
+from pipeline.core.features.staleness import verify_features
+from pipeline.core.heads.search import (
     check_paths,
     dvc_note,
     grid_points,
@@ -31,7 +31,7 @@ from pipeline.core.search import (
 from pipeline.infra.config import HeadsConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.search")
+log = logging.getLogger("pipeline.search")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

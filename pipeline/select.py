@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.selection import select_head
+from pipeline.core.heads.selection import select_head
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.select")
+log = logging.getLogger("pipeline.select")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

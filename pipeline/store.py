@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.store_space import list_store, remove_settings, store_root
+from pipeline.core.features.store_space import list_store, remove_settings, store_root
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.store")
+log = logging.getLogger("pipeline.store")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

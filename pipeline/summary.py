@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.core.summary import markdown, text
+from pipeline.core.evaluate.summary import markdown, text
 
 
 def main(argv: list[str] | None = None) -> None:

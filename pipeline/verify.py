@@ -26,13 +26,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.core.tolerance import Tolerances
-from pipeline.core.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
+from pipeline.core.evaluate.tolerance import Tolerances
+from pipeline.core.evaluate.verification import CLOSE, DIFFERENT, SAME, committed_provenance, record, verify
 from pipeline.infra import provenance
 from pipeline.infra.dvc_cache import cache_report
 from pipeline.infra.runner import run_main, stage_parser
 
-log = logging.getLogger("pipeline.verify")
+log = logging.getLogger("pipeline.verify")  # not __name__: run as __main__ under `python -m`
 
 
 def main(argv: list[str] | None = None) -> None:

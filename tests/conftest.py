@@ -139,7 +139,7 @@ def make_dvc_repo(root: Path, **sections: dict) -> Path:
 def finetune_run(params: Path, index: Path, features: Path, heads_dir: Path, selected: Path, out: Path,
                  metrics: Path, live: Path | None = None) -> dict:
     """The fine-tune stage's work with the sections of `params` (what `python -m pipeline.finetune` does)."""
-    from pipeline.core.training import run_finetune
+    from pipeline.core.finetune.training import run_finetune
     from pipeline.infra.config import load_section
 
     return run_finetune(load_section("finetune", params), load_section("backbone", params),

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): a few real fine-tuning steps through
+"""Run by tests/finetune/test_distributed.py under torchrun (2 CPU processes, gloo): a few real fine-tuning steps through
 `pipeline.finetune.finetune` with DDP and a DistributedSampler, then each rank saves its parameters."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline.core.dataset import read_index
-from pipeline.core.heads import load_head
-from pipeline.core.images import ImageDataset, eval_transform, train_transform
-from pipeline.core.network import warm_started
-from pipeline.core.training import finetune
+from pipeline.core.data.images import ImageDataset, eval_transform, train_transform
+from pipeline.core.data.index import read_index
+from pipeline.core.finetune.network import warm_started
+from pipeline.core.finetune.training import finetune
+from pipeline.core.heads.fitting import load_head
 from pipeline.infra.config import load_section
 from pipeline.infra.distributed import process_group
 from pipeline.infra.runtime import seed_everything, set_deterministic
@@ -43,7 +43,7 @@ def main(params: Path, index: Path, head_dir: Path, out: Path) -> None:
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=gen)
         val_loader = DataLoader(ImageDataset(meta["source"], val, eval_transform(pre)), batch_size=32)
         labels = np.array([int(r["label"]) for r in val])
-        start = np.zeros((len(val), spec["num_classes"]), dtype=np.float32)
+        start = np.zeros((len(val), spec.num_classes), dtype=np.float32)
         finetune(net, loader, val_loader, labels, start, cfg, device, None, ddp=True)
         ids = sorted({int(i) for _, _, batch_ids in loader for i in batch_ids})
         # parameters only: DDP re-broadcasts rank 0's buffers (BN statistics) at the start of every forward, so

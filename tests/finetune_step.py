@@ -1,7 +1,7 @@
 """One step of the project's own fine-tune on a tiny fixed input, hashed: the committed record that every CPU must
-reproduce byte for byte (tests/test_finetune_bytes.py).
+reproduce byte for byte (tests/finetune/test_finetune_bytes.py).
 
-What runs is the stage's code: the bundled ImageNet EfficientNet-Lite0 with a linear head (pipeline/core/network.py),
+What runs is the stage's code: the bundled ImageNet EfficientNet-Lite0 with a linear head (pipeline/core/finetune/network.py),
 the default `finetune` params (AdamW with discriminative learning rates, the schedule, BatchNorm in eval mode,
 gradient clipping) and `training.train_step` under the kernels `training_convolutions` picks for the CPU. The input
 is 8 of scikit-learn's digits at 64 px, two batches, so the second step starts from weights the first one moved.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECORD = Path(__file__).resolve().parent / "data" / "finetune_step.json"
+RECORD = Path(__file__).resolve().parent / "records" / "finetune_step.json"
 SIZE, BATCH, CLASSES, STEPS = 64, 8, 4, 2
 
 
@@ -48,11 +48,11 @@ def step_record() -> dict:
     show how far apart two machines are)."""
     import torch
 
-    from pipeline.core.backbone import build_backbone
-    from pipeline.core.network import TransferNet
-    from pipeline.core.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
-    from pipeline.core.portable_conv import training_convolutions
-    from pipeline.core.training import train_step
+    from pipeline.core.finetune.network import TransferNet
+    from pipeline.core.finetune.optim import apply_bn_mode, make_optimizer, make_scheduler, set_trainable
+    from pipeline.core.finetune.portable_conv import training_convolutions
+    from pipeline.core.finetune.training import train_step
+    from pipeline.core.models.backbone import build_backbone
     from pipeline.infra.config import BackboneConfig, FinetuneConfig
     from pipeline.infra.runtime import seed_everything, set_deterministic
 

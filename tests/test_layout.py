@@ -45,11 +45,11 @@ def test_the_drift_check_sees_a_new_import(tmp_path):
     shutil.copy2(REPO / "dvc.yaml", copy / "dvc.yaml")
     assert code_deps.drift(copy / "dvc.yaml", copy) == {}
     select = copy / "pipeline" / "select.py"
-    select.write_text(select.read_text().replace("from pipeline.core.selection import",
-                                                 "from pipeline.core import metrics  # noqa\n"
-                                                 "from pipeline.core.selection import", 1))
+    select.write_text(select.read_text().replace("from pipeline.core.heads.selection import",
+                                                 "from pipeline.core.evaluate import tolerance  # noqa\n"
+                                                 "from pipeline.core.heads.selection import", 1))
     drift = code_deps.drift(copy / "dvc.yaml", copy)
-    assert drift == {"select": (["pipeline/core/metrics.py"], [])}
+    assert drift == {"select": (["pipeline/core/evaluate/__init__.py", "pipeline/core/evaluate/tolerance.py"], [])}
     (copy / "dvc.yaml").write_text(code_deps.rewrite(copy / "dvc.yaml", copy))
     assert code_deps.drift(copy / "dvc.yaml", copy) == {}
 
@@ -79,6 +79,76 @@ def test_nothing_imports_a_stage_and_the_plumbing_imports_no_library():
         if module.startswith("pipeline.core"):
             offences += [f"{module} imports {m}" for m in imported if m in stage_modules]
     assert not offences, offences
+
+
+# The core's subpackages in the order data flows; a module may import its own layer and those before it, never a
+# later one (images -> index -> features -> heads -> fine-tune -> evaluation).
+LAYERS = ("data", "models", "features", "heads", "finetune", "evaluate")
+
+
+def _core_graph() -> dict[str, set[str]]:
+    """{core module: the core modules it imports, at module level or inside functions}."""
+    modules = dict(_package_modules())
+    return {m: {i for i in code_deps.imported_modules(p, m) if i.startswith("pipeline.core.") and i != m}
+            for m, p in modules.items() if m.startswith("pipeline.core.")}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), i.e. the import cycles."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1 or v in graph.get(v, ()):
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_module_level_or_inside_functions():
+    cycles = _cycles(_core_graph())
+    assert not cycles, f"import cycles in pipeline/core (function-level imports count): {cycles}"
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_core_layers_import_only_earlier_layers():
+    def layer(module: str) -> int | None:
+        part = module.split(".")[2]
+        return LAYERS.index(part) if part in LAYERS else None
+
+    offences = []
+    for module, imported in _core_graph().items():
+        mine = layer(module)
+        assert mine is not None or module.count(".") == 2, f"{module} is in no layer of {LAYERS}"
+        offences += [f"{module} imports {i}" for i in imported
+                     if mine is not None and layer(i) is not None and layer(i) > mine]
+    assert not offences, f"a layer imports a later one ({' < '.join(LAYERS)}): {offences}"
+    assert sorted(p.name for p in (REPO / "pipeline" / "core").iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == sorted(LAYERS)
 
 
 def test_stages_are_thin():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from pipeline.core.selection import select_head
+from pipeline.core.heads.selection import select_head
 from pipeline.infra import numerics
 from pipeline.infra.artifacts import write_json
 

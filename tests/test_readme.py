@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core import summary
+from pipeline.core.evaluate import summary
 from pipeline.infra.config import SECTIONS, build, read_params
 
 REPO = Path(__file__).resolve().parents[1]

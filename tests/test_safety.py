@@ -21,11 +21,12 @@ import yaml
 from conftest import REPO, TINY, dvc, dvc_env, finetune_run, make_dvc_repo, write_digit_folder, write_params
 
 from pipeline import extract, heads
-from pipeline.core.backbone import WeightsError, build_backbone
-from pipeline.core.features import FeaturesFileError, StaleFeaturesError, read_attrs, read_split
-from pipeline.core.heads import HeadFileError, fit_head, load_head, save_head
-from pipeline.core.network import CheckpointFileError, load_checkpoint
-from pipeline.core.selection import select_head
+from pipeline.core.features.cache import FeaturesFileError, StaleFeaturesError, read_attrs, read_split
+from pipeline.core.finetune.network import ModelFileError, load_finetuned
+from pipeline.core.heads.fitting import HeadFileError, fit_head, load_head, save_head
+from pipeline.core.heads.selection import select_head
+from pipeline.core.models.architectures import WeightsError
+from pipeline.core.models.backbone import build_backbone
 from pipeline.infra.artifacts import read_json, write_json
 from pipeline.infra.config import BackboneConfig, load_section
 
@@ -88,8 +89,8 @@ def test_crafted_pickle_in_place_of_a_head_or_checkpoint_is_refused(tmp_path, ma
         "head": {"head": "logreg", "in_features": 1280, "num_classes": 2, "pooling": "avg"},
         "preprocess": {"size": 32, "resize": 36, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}})
     _crafted_pickle(ckpt / "model.safetensors", marker, "torch")
-    with pytest.raises(CheckpointFileError, match="does not hold a model the finetune stage wrote"):
-        load_checkpoint(ckpt)  # safetensors cannot even parse it: nothing is unpickled
+    with pytest.raises(ModelFileError, match="does not hold a model the finetune stage wrote"):
+        load_finetuned(ckpt)  # safetensors cannot even parse it: nothing is unpickled
     assert not marker.exists()
 
 
@@ -181,7 +182,7 @@ def test_hdf5_lock_conflict_names_the_environment_variable(tiny_cache, tmp_path)
         with pytest.raises(FeaturesFileError, match="HDF5_USE_FILE_LOCKING=FALSE"):
             read_split(features, "train")
         # the advice works: with locking off the same read succeeds while the writer still holds the file
-        proc = subprocess.run([sys.executable, "-c", "from pipeline.core.features import read_attrs\n"
+        proc = subprocess.run([sys.executable, "-c", "from pipeline.core.features.cache import read_attrs\n"
                                f"print(read_attrs({str(features)!r})['backbone'])"],
                               env={**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "FALSE"},
                               capture_output=True, text=True)
@@ -270,9 +271,11 @@ def test_stale_check_reads_the_recorded_data_cfg_instead_of_importing_timm(tiny_
     """The heads' stale-features check rebuilds the expected preprocessing from the architecture config extraction
     recorded (timm and torchvision versions equal), with the same result as rebuilding it through timm; in a fresh
     process it never imports timm or torchvision. Another timm version, or another backbone, falls back to timm."""
-    from pipeline.core.backbone import architecture_data_cfg, resolve_image_size
-    from pipeline.core.dataset import read_image_sizes
-    from pipeline.core.features import canonical_json, expected_fingerprint, recorded_data_cfg
+    from pipeline.core.data.index import read_image_sizes
+    from pipeline.core.features.cache import canonical_json
+    from pipeline.core.features.staleness import expected_fingerprint, recorded_data_cfg
+    from pipeline.core.models.architectures import architecture_data_cfg
+    from pipeline.core.models.preprocessing import resolve_image_size
 
     attrs = read_attrs(tiny_cache["features"])
     backbone = load_section("backbone", tiny_cache["params"])
@@ -285,7 +288,7 @@ def test_stale_check_reads_the_recorded_data_cfg_instead_of_importing_timm(tiny_
         expected_fingerprint(resolved, extract_cfg, tiny_cache["index"])
     assert recorded_data_cfg({**attrs, "versions": {**attrs["versions"], "timm": "0.0.1"}}, backbone.name) is None
     assert recorded_data_cfg(attrs, "resnet18") is None
-    code = ("import sys; from pipeline.core.features import verify_features; from pipeline.infra.config import "
+    code = ("import sys; from pipeline.core.features.cache import verify_features; from pipeline.infra.config import "
             "load_section as s; p = sys.argv[1]; "
             "verify_features(sys.argv[2], s('backbone', p), s('extract', p), sys.argv[3]); "
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")

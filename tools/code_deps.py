@@ -54,7 +54,7 @@ def imported_modules(path: Path, module: str, root: Path = REPO) -> set[str]:
                 target = f"{base}.{node.module}" if node.module else base
             else:
                 target = node.module or ""
-            # `from pipeline.core import dataset` imports the submodule pipeline.core.dataset
+            # `from pipeline.core.data import scan` imports the submodule pipeline.core.data.scan
             names = [target] + [f"{target}.{a.name}" for a in node.names]
         else:
             continue

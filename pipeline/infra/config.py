@@ -78,7 +78,7 @@ class DataConfig:
     scanned, and `source` may not be one of them. `on_bad_file`: `skip` lists unusable files in skipped.csv and goes on; `error` makes
     prepare fail when there is any (hidden files such as .DS_Store are listed in skipped.csv but never an error).
     `scan_cache` (speed only): a file whose size, mtime, ctime and inode are unchanged since the last prepare is not
-    read again (pipeline/core/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
+    read again (pipeline/core/data/scan_cache.py); `auto` is `scan_cache.json` beside the index folder, null turns it off.
     """
 
     source: str = "data/digits"
@@ -113,7 +113,7 @@ class BackboneConfig:
 
     `weights` is `bundled` (offline ImageNet EfficientNet-Lite0), `hub` (timm/torchvision download) or a file path.
     `image_size` is the crop size: `auto` (the weights' own, smaller only for images much smaller than it; see
-    pipeline/core/backbone.py, `auto_image_size`), null (the weights' own) or a number of pixels. The resize keeps
+    pipeline/core/models/backbone.py, `auto_image_size`), null (the weights' own) or a number of pixels. The resize keeps
     the weights' crop fraction. `auto` is resolved from the train images' sizes that prepare records.
     """
 
@@ -136,12 +136,12 @@ class ExtractConfig:
     (`torchcodec.decoders.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL);
     `torchvision` is its deprecated alias (the same decoding, logged once), from before torchvision 0.29.
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
-    `store`: folder of the feature store (pipeline/core/feature_store.py): rows already extracted with the same
+    `store`: folder of the feature store (pipeline/core/features/store.py): rows already extracted with the same
     settings are reused by content hash, so a grown image folder sends only its new images through the backbone;
     `auto` is `feature_store/` beside the index folder (data/feature_store), shared by the main extraction and
     the sweep's; null turns it off. Outside DVC's outputs.
     `store_max_gb`: the store's size cap; after each extraction the least recently used settings (whole backbone /
-    dtype / preprocessing folders) are removed until it fits (pipeline/core/store_space.py; null: no cap).
+    dtype / preprocessing folders) are removed until it fits (pipeline/core/features/store_space.py; null: no cap).
     `python -m pipeline.store` lists and removes settings.
     """
 
@@ -171,7 +171,7 @@ class LogregConfig:
     """Standardised features + L2 multinomial logistic regression; C is picked on val from the list.
 
     `pooling: auto` = `avg` for feature-map backbones (CNNs, Swin), `pre_logits` for token backbones (ViT, DINOv2,
-    CLIP, SigLIP, EVA); see pipeline/core/features.py:auto_pooling.
+    CLIP, SigLIP, EVA); see pipeline/core/features/cache.py:auto_pooling.
 
     `solver`: `sklearn` (StandardScaler + LogisticRegression, the reference), `torch` (the same objective by
     L-BFGS in float32, warm-started along C, GPU when present, streamed from HDF5 when the features exceed
@@ -244,14 +244,14 @@ class HeadsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Whole-network fine-tuning warm-started from the selected head (LP-FT); see pipeline/core/optim.py for `bn`.
+    """Whole-network fine-tuning warm-started from the selected head (LP-FT); see pipeline/core/finetune/optim.py for `bn`.
 
     Learning rates: head `lr`, body `body_lr_ratio` x `lr`, and with `layer_decay` < 1 each body layer below the top
     a further factor `layer_decay` lower. `freeze_epochs`: a first phase training only the head (and BatchNorm under
     `bn: train`). `patience`: stop after this many epochs without a better val result (0: never).
     `warm_start: false` starts from a randomly initialised head instead (for comparisons; no parity check).
     `ema_decay` > 0: validate and save an exponential moving average of the weights; `swa_start` > 0: the uniform
-    average of the weights from this fraction of the steps on (pipeline/core/averaging.py); not both.
+    average of the weights from this fraction of the steps on (pipeline/core/finetune/averaging.py); not both.
     `select`: which epoch's weights are kept: best val `accuracy` (ties: lower loss), lowest val `loss`, or the
     `last` epoch's (unless the warm start scores better on val): no pick among noisy val scores.
     """

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from pipeline.infra.errors import PipelineError
 
-log = logging.getLogger("pipeline.locks")
+log = logging.getLogger(__name__)
 
 
 class OutputLockedError(PipelineError, BlockingIOError):

@@ -56,7 +56,7 @@ _MKL_STRICT = 0x10000
 
 STATUS: dict[str, Any] = {}  # what :func:`pin` did in this process; filled when `pipeline` is imported
 
-log = logging.getLogger("pipeline.numerics")
+log = logging.getLogger(__name__)
 
 
 def kernel_pins(numpy_version: str | None) -> dict[str, str]:

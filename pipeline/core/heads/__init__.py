@@ -1,15 +1,6 @@
-"""Cheap heads fitted on cached features: the registry of head types, fitting, and saved heads."""
-from pipeline.core.heads.registry import HEADS, HeadType, head_type
-from pipeline.core.heads.store import (
-                                       HeadFileError,
-                                       build_head,
-                                       check_class_binding,
-                                       check_head_features,
-                                       fit_head,
-                                       head_logits,
-                                       load_head,
-                                       save_head,
-)
+"""Cheap heads fitted on cached features: the registry of head types (registry.py), the logistic regression
+(logreg.py, softmax.py) and the MLP (mlp.py), fitting, saving and loading (fitting.py, spec.py), scores
+(metrics.py), choosing one (selection.py) and searching a head's params (search.py).
 
-__all__ = ["HEADS", "HeadType", "head_type", "HeadFileError", "build_head", "check_class_binding", "check_head_features", "fit_head",
-           "head_logits", "load_head", "save_head"]
+Import from the submodules: this file imports nothing, so a stage's code deps are only the modules it uses.
+"""

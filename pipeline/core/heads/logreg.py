@@ -4,7 +4,7 @@ Two solvers for the same objective (pipeline/core/heads/softmax.py writes it out
 StandardScaler + LogisticRegression (lbfgs, float64), the reference, for small data; and the torch L-BFGS solver for
 large data (float32, block by block, streamed from HDF5 when the features stay on disk, GPU when present, warm-started
 across the C sweep). `heads.logreg.solver: auto` picks by size (:data:`AUTO_TORCH_VALUES`); `sklearn` or `torch`
-forces one. tests/test_logreg.py checks that both reach the same model.
+forces one. tests/heads/test_logreg.py checks that both reach the same model.
 
 The fitted model is stored as the equivalent torch `nn.Linear` with the scaler folded in
 (W' = W / sigma, b' = b - W' mu), so the fine-tune stage can warm-start from it and every later stage reads one
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.core.features import StreamedInputs, input_blocks
-from pipeline.core.metrics import concat_scores, row_scores
+from pipeline.core.features.cache import StreamedInputs, input_blocks
+from pipeline.core.heads.metrics import concat_scores, row_scores
 from pipeline.infra.config import LogregConfig
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import resolve_device, single_threaded
 
-log = logging.getLogger("pipeline.logreg")
+log = logging.getLogger(__name__)
 
 # `solver: auto` uses scikit-learn up to this many training values (rows x features) and torch above: 20 M values
 # is ~16,000 rows of 1280 features, where scikit-learn's sweep still takes seconds on two cores and its float64

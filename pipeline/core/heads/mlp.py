@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.core.divergence import TrainingDivergedError, TrainingOverfitError, check_finite_loss
-from pipeline.core.features import StreamedInputs, input_blocks
+from pipeline.core.features.cache import StreamedInputs, input_blocks
+from pipeline.core.heads.divergence import TrainingDivergedError, TrainingOverfitError, check_finite_loss
 from pipeline.core.heads.logreg import balanced_class_weight
 from pipeline.infra.config import MlpConfig
 from pipeline.infra.runtime import (
@@ -35,7 +35,7 @@ from pipeline.infra.runtime import (
     single_threaded,
 )
 
-log = logging.getLogger("pipeline.mlp")
+log = logging.getLogger(__name__)
 
 # Rows per block read from HDF5 when streaming: 16 chunks of 256 rows, 42 MB of catavgmax float32 at 1280 channels.
 STREAM_BLOCK_ROWS = 4096
@@ -128,7 +128,7 @@ def _batches(x: np.ndarray | StreamedInputs | torch.Tensor, y: torch.Tensor, bat
 
 class FusedAdamW:
     """`torch.optim.AdamW(params, lr, weight_decay, fused=True)` on the CPU: the same kernel (`torch._fused_adamw_`),
-    the same state and order of operations, so the same bytes (tests/test_heads.py checks it step by step).
+    the same state and order of operations, so the same bytes (tests/heads/test_heads.py checks it step by step).
 
     Why not the class itself: torch.optim's optimizers import torch._dynamo on first use (~1.2 s here), a tenth of
     the head-swap loop (`dvc repro select` after a heads.mlp change) for a 200 k-parameter head.

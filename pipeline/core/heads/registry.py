@@ -8,9 +8,10 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 
-from pipeline.core.features import auto_pooling
 from pipeline.core.heads.logreg import fit_logreg, resolve_solver
 from pipeline.core.heads.mlp import MlpHead, fit_mlp
+from pipeline.core.heads.spec import HeadSpec
+from pipeline.core.models.feature_sets import auto_pooling
 
 FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, int], "tuple[nn.Module, dict]"]
 
@@ -30,7 +31,7 @@ class HeadType:
 
     pooling: Callable[[Any, str], str]
     fit: FitFn
-    build: Callable[[dict], nn.Module]
+    build: Callable[[HeadSpec], nn.Module]
     architecture: Callable[[Any], dict]
     streams: Callable[[Any, int, int], bool]
 
@@ -42,13 +43,13 @@ def _pooling(head: str, cfg: Any, layout: str) -> str:
 HEADS: dict[str, HeadType] = {
     # the scaler is folded into one Linear layer (pipeline/core/heads/logreg.py)
     "logreg": HeadType(pooling=lambda cfg, layout: _pooling("logreg", cfg, layout), fit=fit_logreg,
-                       build=lambda spec: nn.Linear(spec["in_features"], spec["num_classes"]),
+                       build=lambda spec: nn.Linear(spec.in_features, spec.num_classes),
                        architecture=lambda cfg: {},
                        streams=lambda cfg, n, d: resolve_solver(cfg, n, d) == "torch"),
     # auto: concat pooling [avg, max] on feature maps: max pooling is what a deeper head adds over the linear probe
     "mlp": HeadType(pooling=lambda cfg, layout: _pooling("mlp", cfg, layout), fit=fit_mlp,
-                    build=lambda spec: MlpHead(spec["in_features"], spec["num_classes"], spec["hidden"],
-                                               spec["dropout"]),
+                    build=lambda spec: MlpHead(spec.in_features, spec.num_classes, spec.architecture["hidden"],
+                                               spec.architecture["dropout"]),
                     architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout},
                     streams=lambda cfg, n, d: True),
 }

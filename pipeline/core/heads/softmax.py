@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-log = logging.getLogger("pipeline.logreg")
+log = logging.getLogger(__name__)
 
 Blocks = Callable[[], Iterable[tuple[int, np.ndarray]]]
 

@@ -1,0 +1,3 @@
+"""Images in, index out: the folder scan and split, the index files, image decoding and transforms, the
+offline default data set.
+"""
