@@ -83,6 +83,7 @@ def test_extract_checks_free_space_before_any_work(tmp_path):
         assert not list(small.glob("*.h5")) and not list(small.glob("*.partial/rows-*"))
 
 
+@pytest.mark.slow
 def test_dvc_failing_to_cache_an_output_is_reported(tmp_path):
     """A DVC cache on a full disk: `dvc repro` cannot store a directory output, prints 'failed to transfer' and still
     exits 0. `python -m pipeline.verify --cache` (run by `make repro` after `dvc repro`) names the output and the fix
