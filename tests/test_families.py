@@ -149,7 +149,7 @@ def test_family_features_head_parity_and_ddp_step(family_index, tmp_path: Path, 
     assert parity["argmax_flip_fraction"] == 0.0
 
     # two processes, gloo: one DDP fine-tune step, both ranks end with the same parameters
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(params), str(family_index["index"]), str(head_dir),
            str(tmp_path)]
     proc = subprocess.run(cmd, env={**dvc_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
