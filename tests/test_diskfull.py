@@ -61,6 +61,7 @@ def test_enospc_in_atomic_writes_is_one_line_and_leaves_no_temporary(tmp_path):
         assert not list((small / "partial").iterdir())
 
 
+@pytest.mark.slow
 def test_extract_checks_free_space_before_any_work(tmp_path):
     """It used to segfault inside h5py while assembling (exit 139, no message, a temporary left)."""
     from pipeline import prepare

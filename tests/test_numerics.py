@@ -122,6 +122,7 @@ def _probe(env: dict[str, str], tmp_path: Path) -> tuple[dict, str]:
     return json.loads(line[len("PROBE "):]), onednn
 
 
+@pytest.mark.slow
 @needs_v3
 def test_pins_take_effect_in_a_subprocess(tmp_path):
     """threadpoolctl, torch, MKL and oneDNN report the pinned kernels and threads, whatever the environment says."""
