@@ -1,4 +1,5 @@
-# `make repro`: set up from nothing and run the whole pipeline. `make test`: set up and run the test suite.
+# `make repro`: set up from nothing and run the whole pipeline. `make test`: set up and run the test suite (CI's);
+# `make test-fast`: the same without the tests marked slow (pyproject.toml), for the edit loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ NVIDIA_DRIVER := $(or $(wildcard /proc/driver/nvidia/version),$(shell command -v
 LOCK ?= $(if $(NVIDIA_DRIVER),requirements.lock,requirements-cpu.lock)
 STAMP := $(VENV)/.installed.$(notdir $(LOCK))
 
-.PHONY: setup repro test check-repro lock clean
+.PHONY: setup repro test test-fast check-repro lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,9 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup  # leaves out `dvc repro`, torchrun and chains of stages (the slow marker)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # After a fresh clone: rerun the whole pipeline and compare with the committed results (`pipeline.verify`). Inputs
 # (code, params, commands, source data) must be identical. Outputs must be byte-identical on any x86-64 CPU (portable

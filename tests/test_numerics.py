@@ -122,6 +122,7 @@ def _probe(env: dict[str, str], tmp_path: Path) -> tuple[dict, str]:
     return json.loads(line[len("PROBE "):]), onednn
 
 
+@pytest.mark.slow
 @needs_v3
 def test_pins_take_effect_in_a_subprocess(tmp_path):
     """threadpoolctl, torch, MKL and oneDNN report the pinned kernels and threads, whatever the environment says."""
@@ -178,6 +179,7 @@ def _side_by_side(cache: dict[str, Path], here: Path, there: Path, mode: str,
         return jobs[0].result(), jobs[1].result()
 
 
+@pytest.mark.slow
 @needs_v3
 def test_another_cpu_gives_the_same_bytes_only_when_pinned(tiny_cache, tmp_path):
     """Pinned, every output is byte-identical under another CPU's settings; native, the heads' outputs differ.

@@ -42,6 +42,7 @@ def _predict(models: Path, folder: Path, out: Path, *extra: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["head", "finetune"])
 def test_predict_folder_with_a_bad_file(tiny_cache, models, tmp_path, model):
     rows, meta = read_index(tiny_cache["index"])
@@ -74,6 +75,7 @@ def _run_predict(models: Path, target: str, out: Path, *extra: str) -> subproces
                            str(out), *extra], env=dvc_env(), capture_output=True, text=True, cwd=out.parent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,file", [("head", "head.json"), ("finetune", "model.json")])
 def test_predict_refuses_edited_classes(tiny_cache, models, tmp_path, model, file):
     """Classes swapped in head.json used to invert every label with exit 0; now the checksum refuses the file."""
@@ -106,6 +108,7 @@ def test_predict_on_a_url_says_urls_are_not_supported(tmp_path):
             "and give its local path") in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_empty_file_says_so_and_all_failed_is_an_error(models, tmp_path):
     """A 0-byte file: "empty file" (not "not in any image format"); every file failed: exit 2, the CSV still there."""
     folder = tmp_path / "in"
@@ -178,6 +181,7 @@ def _png(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value,message", [
     ("--top-k", "0", "predict: error: --top-k 0: give how many classes to list per image, 1 or more"),
     ("--top-k", "-1", "predict: error: --top-k -1: give how many classes to list per image, 1 or more"),
@@ -217,6 +221,7 @@ def test_predict_every_other_flag_is_checked_with_one_line(tmp_path, argv, messa
     assert text.startswith(message.replace("{tmp}", str(tmp_path))) and "\n" not in text, text
 
 
+@pytest.mark.slow
 def test_predict_counts_and_lists_the_files_it_skipped(models, tmp_path):
     """Issue 28: a non-image (or hidden) file in a folder was left out without a word; now it is counted and named,
     in its own line and in the summary, and --top-k above the classes says it lists them all."""

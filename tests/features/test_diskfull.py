@@ -61,6 +61,7 @@ def test_enospc_in_atomic_writes_is_one_line_and_leaves_no_temporary(tmp_path):
         assert not list((small / "partial").iterdir())
 
 
+@pytest.mark.slow
 def test_extract_checks_free_space_before_any_work(tmp_path):
     """It used to segfault inside h5py while assembling (exit 139, no message, a temporary left)."""
     from pipeline import prepare
@@ -83,6 +84,7 @@ def test_extract_checks_free_space_before_any_work(tmp_path):
         assert not list(small.glob("*.h5")) and not list(small.glob("*.partial/rows-*"))
 
 
+@pytest.mark.slow
 def test_dvc_failing_to_cache_an_output_is_reported(tmp_path):
     """A DVC cache on a full disk: `dvc repro` cannot store a directory output, prints 'failed to transfer' and still
     exits 0. `python -m pipeline.verify --cache` (run by `make repro` after `dvc repro`) names the output and the fix

@@ -97,6 +97,7 @@ def _features(path: Path) -> dict[str, dict[str, np.ndarray]]:
 # --- the file: bytes, layout, values -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerun_and_batch_size_workers_checkpoints_give_identical_bytes(digits60, tmp_path: Path):
     again = tmp_path / "again.h5"
     # store=None: both runs compute every row (with the feature store the second would copy the first's rows)
@@ -237,6 +238,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
             **extra}
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_out_names_the_holder_and_ctrl_c_is_one_line(digits60, tmp_path: Path):
     """Two real extract runs on one --out: the second says who writes it (it used to report a checkpoint missing
     "under multi-node torchrun"); Ctrl-C in the first prints one line and exits 130 (a 70-line traceback before)."""
@@ -506,6 +508,7 @@ def test_deprecated_alias_is_logged_once(tmp_path: Path, caplog):
     assert len(lines) == 1 and "'torchvision' is a deprecated alias of 'torchcodec'" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_jpeg_route_decodes_hymenoptera_to_the_pil_pixels(hymenoptera: Path):
     """Every hymenoptera JPEG: TorchCodec's full-size decode (APP1 stripped, turned by PIL's tag) is load_rgb's pixels
     byte for byte; after the device resize and crop (224 px) the route's pixels are within 2 levels of the PIL path's
@@ -560,6 +563,7 @@ def _size_log(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: image size")]
 
 
+@pytest.mark.slow
 def test_auto_image_size_on_digits_is_96_byte_identical_to_image_size_96(tmp_path: Path, caplog):
     """The default pipeline's features do not change with `auto`: 8x8 digits resolve to exactly 96 px. An explicit
     size still wins. The log says which size and why."""
@@ -645,6 +649,7 @@ def test_the_deprecation_check_sees_a_library_deprecation_called_from_the_packag
     assert "torchvision/io/image.py" in found[0] and "pipeline/core/features/loader.py" in found[0]  # its module, our call
 
 
+@pytest.mark.slow
 def test_the_package_raises_no_deprecation_warning(digits60, hymenoptera: Path, tmp_path: Path):
     """Importing every module of the package (in a fresh interpreter) and extracting through both decode routes, the
     JPEG route both in the workers and in the main process (the GPU's code path), raises no deprecation warning."""

@@ -50,6 +50,7 @@ def grown(tmp_path):
     return src, extra
 
 
+@pytest.mark.slow
 def test_grown_and_shrunk_folders_reuse_rows_and_give_the_from_scratch_bytes(tmp_path, grown, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     src, extra = grown
@@ -69,6 +70,7 @@ def test_grown_and_shrunk_folders_reuse_rows_and_give_the_from_scratch_bytes(tmp
     assert sha256_file(third) == sha256_file(_fresh(tmp_path, src, "third", caplog))
 
 
+@pytest.mark.slow
 def test_damaged_truncated_or_foreign_store_is_reported_and_not_trusted(tmp_path, grown, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     src, _ = grown
@@ -95,6 +97,7 @@ def test_damaged_truncated_or_foreign_store_is_reported_and_not_trusted(tmp_path
     assert not shards[2].exists()
 
 
+@pytest.mark.slow
 def test_store_null_and_other_settings_use_no_store(tmp_path, grown, caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     src, _ = grown
@@ -185,6 +188,7 @@ def _same_features_per_content(path: Path, groups: dict[str, list[int]]) -> None
         assert len({rows[i] for i in ids}) == 1, ids
 
 
+@pytest.mark.slow
 def test_duplicate_images_first_run_and_grown_rerun(tmp_path, grown, caplog):
     """Copies of one image anywhere in the index: the first run, and a rerun after growing the folder (which read the
     same store row twice and stopped with h5py's 'Indexing elements must be in increasing order') give one set of
@@ -217,6 +221,7 @@ def test_duplicate_images_first_run_and_grown_rerun(tmp_path, grown, caplog):
     assert counts == (44, 0) and sha256_file(third) == sha256_file(second)
 
 
+@pytest.mark.slow
 def test_duplicate_images_resume_after_an_interruption(tmp_path, grown, monkeypatch, caplog):
     """A grown folder with copies, interrupted after its checkpoints were written: the rerun resumes, reads the
     checkpoints it lost from the store (copies asking for the same row in one read) and writes the from-scratch

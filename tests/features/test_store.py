@@ -58,6 +58,7 @@ def _by_backbone_setting(store: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_cap_removes_least_recently_used_settings_whole_never_the_ones_just_used(store_runs, tmp_path, caplog):
     import shutil
 
@@ -95,6 +96,7 @@ def _store_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_store_command_lists_settings_rows_bytes_last_used_and_removes(store_runs, tmp_path):
     import shutil
 

@@ -27,7 +27,7 @@ def test_ddp_finetune_keeps_ranks_identical(tiny_cache, tmp_path: Path):
     raw["finetune"].update(bn="train", batch_size=4, epochs=1)
     params.write_text(yaml.safe_dump(raw))
     env = {**dvc_env(), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(params), str(tiny_cache["index"]), str(head_dir), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -125,6 +125,7 @@ def test_discriminative_learning_rates():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["logreg", "mlp"])
 def test_warm_start_reproduces_head_then_never_loses_to_it(fitted, tmp_path, head):
     selected = _select(fitted, tmp_path, head)
@@ -157,6 +158,7 @@ def test_parity_failure_stops_before_training(fitted, tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "finetune.json").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(fitted, tmp_path):
     """Deterministic mode, same seed, same machine: two runs give identical metrics and identical weights."""
     from pipeline.infra.artifacts import sha256_file
@@ -183,6 +185,7 @@ def test_random_head_starts_from_chance(fitted, tmp_path):
     assert metrics["start_val"]["accuracy"] < fitted["metrics"]["logreg"]["val"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_auto_image_size_agrees_everywhere_and_is_recorded_as_a_number(tiny_cache, tmp_path, caplog):
     """`image_size: auto` on the digits: extract, the heads' check (with and without the index), finetune and
     model.json all use 96 px, and predict reads 96 px back from the saved models, never from params.yaml."""
@@ -222,6 +225,7 @@ def test_finetune_that_diverges_stops_with_one_line(fitted, tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "f.json").exists()
 
 
+@pytest.mark.slow
 def test_weight_average_is_what_is_validated_and_saved(fitted, tmp_path):
     """With `ema_decay` > 0 the saved model is the averaged one: scoring the saved checkpoint on val gives back the
     val numbers the stage reported (it would not if the last step's weights were saved), and the averaged run ends
@@ -255,6 +259,7 @@ def test_select_by_loss_keeps_the_lowest_val_loss_epoch():
     assert _better(0.10, 9.0, best, "last")  # `last`: every epoch replaces the one before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr,kept", [(1e-3, "last"), (30.0, "start")])
 def test_select_last_keeps_the_final_epoch_unless_the_warm_start_is_better(fitted, tmp_path, lr, kept):
     """`select: last` saves the final epoch's (averaged) network; a run that ends worse on val than the warm start

@@ -14,6 +14,7 @@ from pipeline.infra import numerics
 from tests.finetune_step import RECORD, first_difference, step_record
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (numerics.STATUS.get("pinned") and numerics.STATUS.get("mode") == numerics.PORTABLE),
                     reason="bytes are pinned only under portable numerics on an x86-64-v3 CPU "
                            f"({numerics.status_line(numerics.STATUS)})")

@@ -178,7 +178,7 @@ def test_avg_head_never_reads_max(tiny_cache, tmp_path):
         fit_head("mlp", features, heads.mlp)
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp"])
+@pytest.mark.parametrize("name", [pytest.param("logreg", marks=pytest.mark.slow), "mlp"])
 def test_streamed_head_matches_in_memory(tiny_cache, name):
     """`in_memory_gb: 0` leaves the features in the file (read block by block): logreg (torch solver) gives the
     same model as in memory, and the MLP learns (its shuffle differs, so only its quality is compared)."""

@@ -131,6 +131,7 @@ def test_torch_solver_agrees_with_sklearn(classes, class_weight):
     assert (np.sort(probs["sklearn"][differ], 1)[:, -1] - np.sort(probs["sklearn"][differ], 1)[:, -2] < 4e-3).all()
 
 
+@pytest.mark.slow
 def test_torch_solver_sweep_warm_start_and_subsample_reach_the_cold_solutions(monkeypatch):
     """Warm starts (C ascending, and the first C from a subsample) change where L-BFGS starts, not where it ends:
     each C's model equals the one solved alone from zero, within the float32 solver's tolerance."""

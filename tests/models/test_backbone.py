@@ -62,6 +62,7 @@ def test_bundled_backbone_shapes_and_preprocessing():
     assert sha == sha_again and len(sha) == 64  # image size changes preprocessing, never the weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_bundled_weights_classify_ants_and_bees(hymenoptera: Path, arch: str):
     """Each bundled checkpoint is real ImageNet weights, mapped right: zero-shot, the first 20 val ants are mostly

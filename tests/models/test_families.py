@@ -50,6 +50,13 @@ FAMILIES = [
     ("densenet121.IMAGENET1K_V1", 64, "NCHW", "avg"),
     ("vit_b_16.IMAGENET1K_V1", None, "NLC", "pre_logits"),
 ]
+# The val accuracy every family's logreg head must reach on the `auto` pooling. Val is 4 images (digits 0 and 1, two
+# each; train 8). Measured with `_random_model`'s weights (torch.manual_seed(0), so stable): 4 of 4 (1.0) for every
+# family, the least sure image at p = 0.75 (vit_tiny_patch16_224), 0.92-0.995 for the others. 0.75 lets one image flip
+# and stays above chance (0.5): features that carry no label information fail it in every family (all zero: 0.5; train
+# rows shuffled against their labels: 0-0.5), where `0 <= accuracy <= 1` passed anything. The test checks exact pooling
+# against the library's own features; this bound, that the cached features are usable.
+MIN_VAL_ACCURACY = {name: 0.75 for name, *_ in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +143,7 @@ def test_family_features_head_parity_and_ddp_step(family_index, tmp_path: Path, 
     heads = load_section("heads", params)
     module, spec, metrics = fit_head("logreg", features, heads.logreg)
     assert spec.pooling == pooling and spec.in_features == want[pooling].shape[1]
-    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0
+    assert metrics["val"]["accuracy"] >= MIN_VAL_ACCURACY[name], f"{name}: val accuracy {metrics['val']}"
     head_dir = tmp_path / "logreg"
     save_head(head_dir, module, spec)
     reference = head_logits(module, spec, read_split(features, "val"))
@@ -149,7 +156,7 @@ def test_family_features_head_parity_and_ddp_step(family_index, tmp_path: Path, 
     assert parity["argmax_flip_fraction"] == 0.0
 
     # two processes, gloo: one DDP fine-tune step, both ranks end with the same parameters
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "ddp_worker.py"), str(params), str(family_index["index"]), str(head_dir),
            str(tmp_path)]
     proc = subprocess.run(cmd, env={**dvc_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
