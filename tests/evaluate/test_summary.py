@@ -39,3 +39,17 @@ def test_command_before_any_run_says_what_to_do(tmp_path: Path):
     out = subprocess.run([sys.executable, "-m", "pipeline.summary", "--metrics-dir", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert out == f"no metrics under {tmp_path}: run `dvc repro` first\n"
+
+
+def test_an_earlier_runs_evaluation_is_not_shown_beside_new_heads(tmp_path: Path):
+    """After `dvc exp run select` on new data, metrics/evaluate.json is the previous run's: its fine-tuned network
+    and test scores must not appear next to the new heads as if they were theirs."""
+    _write(tmp_path / "heads" / "logreg.json", {"val": _split(0.9477, 0.9473)})
+    _write(tmp_path / "heads" / "mlp.json", {"val": _split(0.9542, 0.9534)})
+    _write(tmp_path / "evaluate.json", {"best_head": {"name": "logreg", "val": _split(0.9304, 0.9305),
+                                                      "test": _split(0.9471, 0.9471)},
+                                        "finetune": {"val": _split(0.98, 0.98), "test": _split(0.98, 0.98)}})
+    _write(tmp_path / "selected.json", {"head": "mlp"})
+    rows = headline_rows(tmp_path, tmp_path / "selected.json")
+    assert rows == [["head `logreg`", "94.77 %", "94.73 %", "-", "-"],
+                    ["head `mlp` (selected)", "95.42 %", "95.34 %", "-", "-"]]

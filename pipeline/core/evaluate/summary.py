@@ -27,13 +27,25 @@ def _scores(split: dict | None) -> list[str]:
     return [_pct(split.get("accuracy")), _pct(split.get("balanced_accuracy"))]
 
 
+def _current_evaluation(metrics_dir: Path, chosen: str | None) -> dict:
+    """metrics/evaluate.json when it scores the heads now on disk, else {}: after `dvc exp run select`, or with the
+    fine-tune still to run, the file is an earlier run's, and its numbers must not sit beside the new heads'."""
+    evaluate = _read(metrics_dir / "evaluate.json") or {}
+    best = evaluate.get("best_head", {})
+    fitted = _read(metrics_dir / "heads" / f"{best.get('name')}.json") if best.get("name") else None
+    current = (fitted is not None and fitted["val"].get("accuracy") == best.get("val", {}).get("accuracy")
+               and (chosen is None or chosen == best.get("name")))
+    return evaluate if current else {}
+
+
 def headline_rows(metrics_dir: Path, selected: Path | None = None) -> list[list[str]]:
     """[model, val accuracy, val balanced accuracy, test accuracy, test balanced accuracy] per model that ran.
 
     Heads: val from their own metrics, test from evaluate's (which scores only the selected head on test).
     """
-    evaluate = _read(metrics_dir / "evaluate.json") or {}
-    chosen = (_read(selected) or {}).get("head") if selected else evaluate.get("best_head", {}).get("name")
+    chosen = (_read(selected) or {}).get("head") if selected else None
+    evaluate = _current_evaluation(metrics_dir, chosen)
+    chosen = chosen or evaluate.get("best_head", {}).get("name")
     rows = []
     for head in HEADS:
         fitted = _read(metrics_dir / "heads" / f"{head}.json")
