@@ -254,7 +254,7 @@ def use_jpeg_decoder(name: str) -> None:
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipeline.core.features.cache import loader
+    from pipeline.core.features import loader
 
     # What is measured is the deprecated decoder itself; its warning would only fill the log of every call.
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -270,7 +270,7 @@ def child_decode(a: argparse.Namespace) -> dict:
     import torch
 
     from pipeline.core.data.index import read_index
-    from pipeline.core.features.cache import loader
+    from pipeline.core.features import loader
     from pipeline.core.models.backbone import build_backbone
     from pipeline.infra.config import BackboneConfig
 

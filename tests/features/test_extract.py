@@ -28,8 +28,8 @@ from PIL import Image
 
 from pipeline.core.data.images import eval_transform, load_rgb
 from pipeline.core.data.index import read_index
-from pipeline.core.features.cache import extraction as ex
-from pipeline.core.features.cache import loader as loader_module
+from pipeline.core.features import extraction as ex
+from pipeline.core.features import loader as loader_module
 from pipeline.core.features.loader import (
     DeviceInput,
     ExtractDataset,
@@ -496,7 +496,7 @@ def test_jpeg_route_is_upright_and_close_to_pil(tmp_path: Path, decode: str):
 
 
 def test_deprecated_alias_is_logged_once(tmp_path: Path, caplog):
-    from pipeline.core.features.cache import loader
+    from pipeline.core.features import loader
 
     loader._log_deprecated_alias.cache_clear()
     _, pre, _ = build_backbone(BackboneConfig(image_size=32), load_weights=False)

@@ -226,7 +226,7 @@ def test_duplicate_images_resume_after_an_interruption(tmp_path, grown, monkeypa
     """A grown folder with copies, interrupted after its checkpoints were written: the rerun resumes, reads the
     checkpoints it lost from the store (copies asking for the same row in one read) and writes the from-scratch
     bytes."""
-    from pipeline.core.features.cache import extraction as ex
+    from pipeline.core.features import extraction as ex
 
     caplog.set_level(logging.INFO, logger="pipeline")
     src, extra = grown

@@ -2,7 +2,7 @@
 
 Each point is the head's params.yaml section with some keys replaced, built and validated by the same typed config
 as the stage (an unknown key or a value out of range stops the search before any fit), and fitted by the same
-:func:`pipeline.core.heads.fit_head` as `heads@<head>`, so a row's figures are the ones the stage would write for
+:func:`pipeline.core.heads.fitting.fit_head` as `heads@<head>`, so a row's figures are the ones the stage would write for
 those params. Nothing but the features is read: a point costs its fit, never an extraction.
 
 Points are numbered from 1, in the progress lines, the table, search.json and the summary alike. The best point is
