@@ -1,7 +1,8 @@
 """Image loading and transforms shared by extraction, fine-tuning, evaluation and prediction.
 
-One definition of preprocessing, driven by the backbone's :class:`~pipeline.core.models.backbone.Preprocess`, so the features
-cached at extraction and the images seen by the fine-tuned network are computed the same way.
+One definition of preprocessing, driven by :class:`~pipeline.core.data.preprocess.Preprocess` (resolved from the
+backbone), so the features cached at extraction and the images seen by the fine-tuned network are computed the same
+way.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _transforms():
     """torchvision.transforms, imported when a transform is built: importing torchvision takes ~1.6 s here, which
-    what only reads an index (dataset.py's readers, the heads' stale-features check) should not pay."""
+    what only reads an index (pipeline/core/data/index.py, the heads' stale-features check) should not pay."""
     from torchvision import transforms
 
     return transforms

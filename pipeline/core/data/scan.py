@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Folder names read as the val split: val/ (torchvision tutorials), valid/ (fastai, Kaggle), validation/ (Keras).
 VAL_FOLDERS = ("val", "valid", "validation")
 # pipeline.core.data.images (and PIL) are imported inside the functions that read images, not here: they
-# take ~0.4 s to import, which what only reads classes.json (the heads' stale-features check, a head swap) skips.
+# take ~0.4 s to import, which what only needs the folder rules (IMAGE_EXTENSIONS for predict) skips.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 DUPLICATE_FIELDS = ("sha256", "path", "class", "split")
 HIDDEN = "hidden"  # reasons starting with this are listed but never an error under data.on_bad_file: error
@@ -314,7 +314,7 @@ def check_image(path: Path, max_pixels: int, max_aspect: float = DEFAULT_MAX_ASP
     if known is not None:
         size, reason = known
     else:
-        from pipeline.core.data.images import BadImageError, load_rgb  # see the note at IMAGE_SIZES_KEY
+        from pipeline.core.data.images import BadImageError, load_rgb  # see the note above IMAGE_EXTENSIONS
 
         try:
             size, reason = load_rgb(path, max_pixels, max_aspect).size, None
@@ -405,7 +405,7 @@ def _check_classes(classes: list[str], class_names: list[str], entries: list[Ent
 
 def _check_candidates(root: Path, candidates: list[Candidate], cfg: DataConfig, cache_file: Path | None) -> list:
     """Each candidate decoded (or its check taken from the scan cache): hash, size, or why it is unusable."""
-    import PIL  # see the note at IMAGE_SIZES_KEY
+    import PIL  # see the note above IMAGE_EXTENSIONS
 
     cache = ScanCache.load(cache_file, {"max_image_pixels": cfg.max_image_pixels,
                                         "max_aspect_ratio": cfg.max_aspect_ratio, "pillow": PIL.__version__})
