@@ -181,7 +181,7 @@ def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path:
         p.unlink()
     calls = []
     real = ex._run_rows
-    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: the checkpoints to do
     with caplog.at_level(logging.INFO, logger="pipeline"):
         summary = ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(24, 32), (32, 40), (40, 48)]] and summary["rows_resumed"] == 36
@@ -221,7 +221,7 @@ def test_damaged_checkpoint_is_recomputed_never_merged(digits60, tmp_path: Path,
         fh.write(bytes(range(200, 216)))
     calls = []
     real = ex._run_rows
-    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: the checkpoints to do
     with caplog.at_level(logging.INFO, logger="pipeline"):
         ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(16, 24)]]
@@ -504,7 +504,7 @@ def test_deprecated_alias_is_logged_once(tmp_path: Path, caplog):
         for _ in range(3):
             ExtractDataset(tmp_path, [], [], pre, "torchvision")
         ExtractDataset(tmp_path, [], [], pre, "torchcodec")
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.loader"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.core.features.loader"]
     assert len(lines) == 1 and "'torchvision' is a deprecated alias of 'torchcodec'" in lines[0], lines
 
 
