@@ -288,7 +288,7 @@ def test_stale_check_reads_the_recorded_data_cfg_instead_of_importing_timm(tiny_
         expected_fingerprint(resolved, extract_cfg, tiny_cache["index"])
     assert recorded_data_cfg({**attrs, "versions": {**attrs["versions"], "timm": "0.0.1"}}, backbone.name) is None
     assert recorded_data_cfg(attrs, "resnet18") is None
-    code = ("import sys; from pipeline.core.features.cache import verify_features; from pipeline.infra.config import "
+    code = ("import sys; from pipeline.core.features.staleness import verify_features; from pipeline.infra.config import "
             "load_section as s; p = sys.argv[1]; "
             "verify_features(sys.argv[2], s('backbone', p), s('extract', p), sys.argv[3]); "
             "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")

@@ -153,8 +153,8 @@ def test_streamed_solver_equals_in_memory(tmp_path, monkeypatch):
     the same blocks are summed in the same order."""
     import h5py
 
-    from pipeline.core.features.cache import StreamedInputs, read_inputs, split_shape
     from pipeline.core.features import cache as feats
+    from pipeline.core.features.cache import StreamedInputs, read_inputs, split_shape
     from pipeline.core.features.resume import create_datasets, write_rows
 
     x, y = _digits(list(range(10)))
