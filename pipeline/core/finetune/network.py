@@ -85,13 +85,13 @@ def load_finetuned(ckpt_dir: Path | str) -> tuple[TransferNet, Preprocess, dict]
     meta = read_json(ckpt_dir / "model.json")
     backbone = build(BackboneConfig, meta["backbone"], "model.json:backbone")
     body, _, _ = build_backbone(backbone, load_weights=False)
-    spec = HeadSpec.from_dict(meta["head"])
-    net = TransferNet(body, build_head(spec), spec.pooling)
     try:
+        spec = HeadSpec.from_dict(meta["head"])  # a model.json that is not ours may lack any of its keys
+        net = TransferNet(body, build_head(spec), spec.pooling)
         net.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
-    except Exception as exc:  # safetensors and load_state_dict raise their own types for a file that is not ours
+    except Exception as exc:  # safetensors, load_state_dict and a malformed head spec raise their own types
         raise ModelFileError(f"'{ckpt_dir}' does not hold a model the finetune stage wrote "
-                                  f"({type(exc).__name__}: {str(exc)[:200]}); {rerun}") from None
+                             f"({type(exc).__name__}: {str(exc)[:200]}); {rerun}") from None
     # Classes are positional: an edited list in model.json would relabel every prediction without an error.
     check_class_binding(meta["head"], ckpt_dir / "model.json", meta.get("classes"))
     pre = Preprocess.from_dict(meta["preprocess"])
