@@ -164,24 +164,33 @@ def test_share_gives_contiguous_slices_covering_everything():
 # --- resume --------------------------------------------------------------------------------------------------------
 
 
-def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path: Path, monkeypatch, caplog):
-    cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
-    out = tmp_path / "f.h5"
-    partial = ex.partial_dir(out)
-    # a run that dies after its last checkpoint: every checkpoint is on disk, no output
+def _die_before_assembly(monkeypatch, index: Path, out: Path, cfg: ExtractConfig) -> None:
+    """A run that dies after its last checkpoint: every checkpoint is on disk, no output file."""
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
         m.setattr(ex, "assemble", die)
         with pytest.raises(KeyboardInterrupt):
-            ex.extract_features(digits60["index"], out, BB32, cfg)
+            ex.extract_features(index, out, BB32, cfg)
+
+
+def _record_checkpoints_run(monkeypatch) -> list:
+    """The checkpoint spans each later `_run_rows` call is given (its 4th argument), in order."""
+    calls, real = [], ex._run_rows
+    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[3]) or real(*a))
+    return calls
+
+
+def test_resume_reuses_checkpoints_and_discards_foreign_ones(digits60, tmp_path: Path, monkeypatch, caplog):
+    cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
+    out = tmp_path / "f.h5"
+    partial = ex.partial_dir(out)
+    _die_before_assembly(monkeypatch, digits60["index"], out, cfg)
     assert not out.exists() and len(list(partial.glob("rows-*.h5"))) == 8
     for p in sorted(partial.glob("rows-*.h5"))[3:6]:  # as if killed with three checkpoints missing
         p.unlink()
-    calls = []
-    real = ex._run_rows
-    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: the checkpoints to do
+    calls = _record_checkpoints_run(monkeypatch)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         summary = ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(24, 32), (32, 40), (40, 48)]] and summary["rows_resumed"] == 36
@@ -205,23 +214,14 @@ def test_damaged_checkpoint_is_recomputed_never_merged(digits60, tmp_path: Path,
     cfg = ExtractConfig(batch_size=8, workers=0, checkpoint_rows=8)
     out = tmp_path / "f.h5"
     partial = ex.partial_dir(out)
-
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(ex, "assemble", die)
-        with pytest.raises(KeyboardInterrupt):
-            ex.extract_features(digits60["index"], out, BB32, cfg)
+    _die_before_assembly(monkeypatch, digits60["index"], out, cfg)
     victim = partial / "rows-0000000016-0000000024.h5"
     with h5py.File(victim, "r") as f:
         offset = f["max"].id.get_offset()  # contiguous data: the raw bytes of the array in the file
     with open(victim, "r+b") as fh:
         fh.seek(offset + 64)
         fh.write(bytes(range(200, 216)))
-    calls = []
-    real = ex._run_rows
-    monkeypatch.setattr(ex, "_run_rows", lambda *a: calls.append(a[3]) or real(*a))  # a[3]: the checkpoints to do
+    calls = _record_checkpoints_run(monkeypatch)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         ex.extract_features(digits60["index"], out, BB32, cfg)
     assert calls == [[(16, 24)]]
