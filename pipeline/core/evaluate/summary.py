@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADS = ("logreg", "mlp")
+from pipeline.core.evaluate.comparison import HEADS  # the heads the pipeline fits, in its order
 
 
 def _read(path: Path) -> dict | None:
