@@ -145,14 +145,14 @@ def test_absurd_sizes_are_refused_with_the_range(tmp_path, text, expected):
         load_section("data", _params(tmp_path, text))
 
 
-@pytest.mark.parametrize("value,fix", [("1e-3", "1.0e-3"), ("5E-4", "5.0e-4"), ("1.5e2", "1.5e+2")])
-def test_yaml11_exponent_strings_get_a_hint(tmp_path, value, fix):
-    """PyYAML reads 1e-3 as a string; the message says what YAML wants instead."""
-    with pytest.raises(ConfigError, match=rf"heads.mlp.lr = '{value}' is read as a string by YAML 1.1; "
-                                          rf"write it as {fix.replace('+', '[+]')}"):
-        load_section("data", _params(tmp_path, f"heads:\n  mlp:\n    lr: {value}\n"))
-    # and the fix is a number to PyYAML
-    assert load_section("heads", _params(tmp_path, f"heads:\n  mlp:\n    lr: {fix}\n")).mlp.lr == float(fix)
+@pytest.mark.parametrize("value,number", [("1e-3", 1e-3), ("5E-4", 5e-4), ("1.5e2", 150.0), ("1.0e-05", 1e-05)])
+def test_exponents_are_numbers_as_dvc_reads_them_and_a_quoted_number_gets_a_hint(tmp_path, value, number):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string and DVC (YAML 1.2) as a number, and DVC writes an `-S` value back
+    as Python's repr (1e-05): params.yaml is read with YAML 1.2's floats, so the stages and DVC agree."""
+    assert load_section("heads", _params(tmp_path, f"heads:\n  mlp:\n    lr: {value}\n")).mlp.lr == number
+    with pytest.raises(ConfigError, match=rf"^heads.mlp.lr = '{value}' is a string \(in quotes\); write the number "
+                                          rf"without quotes: {value}$"):
+        load_section("data", _params(tmp_path, f"heads:\n  mlp:\n    lr: '{value}'\n"))
 
 
 def test_nan_param_stops_the_stage_with_one_line(tmp_path):

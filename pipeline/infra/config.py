@@ -397,25 +397,28 @@ def _coerce(key: str, value: Any, tp: Any, allowed: str | None = None) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
-# What YAML 1.1 (PyYAML, which reads params.yaml) takes for a string but a person means as a number: an exponent
-# without a decimal point (1e-3) or without a sign (1.0e3).
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `1e-3`, `5E-4`, `1.5e2` are numbers, as DVC (YAML 1.2) reads
+    params.yaml and as DVC writes a `-S` value back (Python's repr: `1e-05`). PyYAML's YAML 1.1 wants a decimal point
+    and a signed exponent and reads the rest as strings, so the stages and `dvc params diff` would disagree."""
+
+
+ParamsLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: PyYAML's own loaders are unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+# A number in quotes: a string to every YAML reader, though a person meant the number.
 _NUMBER_LIKE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce_float(key: str, value: Any) -> float:
-    """A finite float from an int or float; NaN, inf and number-like strings are refused with what to write.
+    """A finite float from an int or float; NaN, inf and quoted numbers are refused with what to write.
 
-    Why refuse rather than parse ``'1e-3'``: PyYAML (YAML 1.1) reads it as a string while DVC's YAML 1.2 reader reads
-    it as a number, so the same file would mean different things to the stage and to `dvc params diff`.
-    ``1.0e-3`` is a number to both. NaN and inf pass every ``<``/``>`` range check (NaN compares false to
-    everything), so they are refused here, once for every float key.
+    NaN and inf pass every ``<``/``>`` range check (NaN compares false to everything), so they are refused here, once
+    for every float key.
     """
     if isinstance(value, str) and _NUMBER_LIKE.match(value.strip()):
-        mantissa, _, exponent = value.strip().lower().partition("e")
-        mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
-        sign = exponent if exponent[:1] in "+-" else f"+{exponent}"
-        raise ConfigError(f"{key} = {value!r} is read as a string by YAML 1.1; write it as {mantissa}e{sign} "
-                          "(YAML wants a decimal point and a signed exponent)")
+        raise ConfigError(f"{key} = {value!r} is a string (in quotes); write the number without quotes: "
+                          f"{value.strip()}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -451,7 +454,7 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the repository root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader) or {}
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
