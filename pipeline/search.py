@@ -24,7 +24,6 @@ from pathlib import Path
 from pipeline.core.features.staleness import verify_features
 from pipeline.core.heads.search import (
     check_paths,
-    check_space,
     open_study,
     resolve_sampler,
     run_search,
@@ -33,7 +32,7 @@ from pipeline.core.heads.search import (
 )
 from pipeline.infra.config import HeadsConfig, load_section
 from pipeline.infra.runner import run_main, stage_parser
-from pipeline.infra.space import parse_space
+from pipeline.infra.space import check_space, parse_space
 from pipeline.infra.study import SAMPLERS, budget
 
 log = logging.getLogger("pipeline.search")  # not __name__: run as __main__ under `python -m`

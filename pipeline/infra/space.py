@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.infra.config import ConfigError, ParamsLoader, to_dict
+from pipeline.infra.config import ConfigError, ParamsLoader, build, to_dict
 
 _RANGE = re.compile(r"^\s*(log)?\s*\((.*)\)\s*$", re.DOTALL)
 
@@ -147,3 +147,11 @@ def _range(spec: str, key: str, match: re.Match, default: Any, prefix: str, flag
     if log and low <= 0:
         raise ConfigError(f"{flag} '{spec}': a log range needs LOW above 0 (got {low})")
     return Range(low if integer else float(low), high if integer else float(high), log, integer)
+
+
+def check_space(base: Any, space: dict[str, Dimension], prefix: str) -> None:
+    """Refuses, before any trial, a value params.yaml would refuse: every listed value, and both ends of a range (the
+    config's limits are intervals, so a range whose ends pass lies inside them)."""
+    for key, dim in space.items():
+        for value in (dim.values if isinstance(dim, Choice) else (dim.low, dim.high)):
+            build(type(base), {**to_dict(base), key: value}, prefix)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.infra.artifacts import write_csv, write_json
 from pipeline.infra.config import ConfigError
 from pipeline.infra.space import Choice, Dimension, Range, describe, has_ranges
 
@@ -147,9 +148,10 @@ class Study:
 
     # --- proposals -----------------------------------------------------------------------------------------------
 
-    def propose(self) -> dict:
-        """The point of the next trial (number len(trials) + 1)."""
-        number = len(self.trials) + 1
+    def propose(self, number: int | None = None) -> dict:
+        """The point of trial `number` (default: the next, len(trials) + 1) from the finished trials; a number further
+        on proposes for a batch of trials run at once (each from its own seed, over the same finished trials)."""
+        number = len(self.trials) + 1 if number is None else number
         if self.sampler == "grid":
             return self._grid_point(number - 1)
         if self.sampler == "random":
@@ -222,3 +224,11 @@ def _decode(dim: Dimension, value: Any) -> Any:
     if isinstance(dim, Choice):
         return json.loads(value)
     return int(value) if dim.integer else float(value)
+
+
+def write_trials(folder: Path, name: str, rows: list[dict], summary: dict) -> None:
+    """`folder/table.csv` (one row per trial; list values as JSON) and `folder/<name>` (the summary and the rows)."""
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    write_csv(folder / "table.csv", columns, ([json.dumps(row.get(c)) if isinstance(row.get(c), list) else row.get(c)
+                                               for c in columns] for row in rows))
+    write_json(folder / name, {**summary, "rows": rows})

@@ -12,9 +12,9 @@ import pytest
 from conftest import REPO
 
 from pipeline.core.heads.fitting import fit_head
-from pipeline.core.heads.search import check_space, open_study, point_config, run_search
+from pipeline.core.heads.search import open_study, point_config, run_search
 from pipeline.infra.config import ConfigError, LogregConfig, MlpConfig, load_section
-from pipeline.infra.space import Choice, parse_space
+from pipeline.infra.space import Choice, check_space, parse_space
 from pipeline.infra.study import budget
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.infra.artifacts import read_json, write_csv, write_json
 from pipeline.infra.config import MAX_SEED, ConfigError, build, to_dict
-from pipeline.infra.space import Choice, Dimension, describe
+from pipeline.infra.space import Dimension, describe
 from pipeline.infra.study import MAX_TRIALS, Study
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,6 @@ def resolve_sampler(sampler: str | None, trials: int | None, random: int | None,
                           "(every point is fitted); drop --seed or choose a sampler (a head's own training seed is a "
                           "grid key: --grid 'seed=[0,1]')")
     return sampler, trials, seed or 0
-
-
-def check_space(base: Any, space: dict[str, Dimension], prefix: str) -> None:
-    """Refuses, before any fit, a value params.yaml would refuse: every listed value, and both ends of a range (the
-    config's limits are intervals, so a range whose ends pass lies inside them)."""
-    for key, dim in space.items():
-        values = dim.values if isinstance(dim, Choice) else (dim.low, dim.high)
-        for value in values:
-            point_config(base, {key: value}, prefix)
 
 
 def features_identity(features: Path) -> str:
