@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -381,6 +382,45 @@ def test_torchrun_two_processes_merge_into_the_one_process_file(digits60, tmp_pa
     with h5py.File(out, "r") as a, h5py.File(digits60["ref"], "r") as b:
         assert dict(a.attrs) == dict(b.attrs)
     assert sha256(out) == sha256(digits60["ref"])  # and in fact the very same bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_merge_into_the_one_process_file(digits60, tmp_path: Path):
+    """Two torchrun "nodes" (one agent each, c10d rendezvous, gloo on the CPU) on this machine: both ranks have
+    LOCAL_RANK 0, global ranks 0 and 1. Rank 0 (whichever node it lands on) assembles the shared output folder's
+    checkpoints into the one-process file, byte for byte. The README's multi-node command is this one."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    out = tmp_path / "nodes.h5"
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{_free_port()}", "--rdzv_id", f"extract-{os.getpid()}"]
+    stage = ["-m", "pipeline.extract", "--params", str(params), "--index", str(digits60["index"]), "--out", str(out)]
+    # is_host: the first agent serves the rendezvous store; on two real hosts the endpoint's host does
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv_conf",
+                               f"is_host={int(node == 0)}", *stage],
+                              env=_env(tmp_path / f"node{node}"), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    logs = []
+    try:
+        for proc in nodes:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in nodes] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    assert sum("x 2" in log for log in logs) == 1  # global rank 0 alone reports, a world of two
+    assert sha256(out) == sha256(digits60["ref"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("node0", "node1", "feature_store")) == [
+        "nodes.h5", "params.yaml"]  # no partial folder, no temporary file left
 
 
 # --- the input path ------------------------------------------------------------------------------------------------
