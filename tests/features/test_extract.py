@@ -390,37 +390,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_torchrun_two_nodes_merge_into_the_one_process_file(digits60, tmp_path: Path):
-    """Two torchrun "nodes" (one agent each, c10d rendezvous, gloo on the CPU) on this machine: both ranks have
-    LOCAL_RANK 0, global ranks 0 and 1. Rank 0 (whichever node it lands on) assembles the shared output folder's
-    checkpoints into the one-process file, byte for byte. The README's multi-node command is this one."""
-    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
-                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
-    out = tmp_path / "nodes.h5"
+def _two_nodes(tmp_path: Path, params: Path, index: Path, outs: tuple[Path, Path]) -> tuple[list[int], list[str]]:
+    """Runs extraction as two torchrun nodes on this machine (one agent each, c10d rendezvous, gloo on the CPU), node
+    `k` writing `outs[k]`; returns their exit codes and outputs."""
     rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"localhost:{_free_port()}", "--rdzv_id", f"extract-{os.getpid()}"]
-    stage = ["-m", "pipeline.extract", "--params", str(params), "--index", str(digits60["index"]), "--out", str(out)]
-    # is_host: the first agent serves the rendezvous store; on two real hosts the endpoint's host does
+    # is_host: the first agent serves the rendezvous store (on two real hosts, the endpoint's host does)
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv_conf",
-                               f"is_host={int(node == 0)}", *stage],
+                               f"is_host={int(node == 0)}", "-m", "pipeline.extract", "--params", str(params),
+                               "--index", str(index), "--out", str(outs[node])],
                               env=_env(tmp_path / f"node{node}"), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
-    logs = []
     try:
-        for proc in nodes:
-            logs.append(proc.communicate(timeout=300)[0])
+        logs = [proc.communicate(timeout=300)[0] for proc in nodes]
     finally:
         for proc in nodes:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert [p.returncode for p in nodes] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    return [proc.returncode for proc in nodes], logs
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_merge_into_the_one_process_file(digits60, tmp_path: Path):
+    """Two torchrun "nodes" on this machine: both ranks have LOCAL_RANK 0, global ranks 0 and 1. Rank 0 (whichever
+    node it lands on) assembles the shared output folder's checkpoints into the one-process file, byte for byte.
+    The README's multi-node command is this one."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    out = tmp_path / "nodes.h5"
+    codes, logs = _two_nodes(tmp_path, params, digits60["index"], (out, out))
+    assert codes == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
     assert sum("x 2" in log for log in logs) == 1  # global rank 0 alone reports, a world of two
     assert sha256(out) == sha256(digits60["ref"])
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("node0", "node1", "feature_store")) == [
-        "nodes.h5", "params.yaml"]  # no partial folder, no temporary file left
+        "nodes.h5", "params.yaml"]  # no partial folder, no probe, no temporary file left
+
+
+@pytest.mark.slow
+def test_torchrun_nodes_without_a_shared_output_folder_stop_before_extracting(digits60, tmp_path: Path):
+    """A node whose --out folder is not the others' (here: another path; on real hosts: a local disk) stops every
+    rank before any image is read, naming the host, instead of rank 0 finding checkpoints missing at the end."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    (tmp_path / "elsewhere").mkdir()
+    codes, logs = _two_nodes(tmp_path, params, digits60["index"], (tmp_path / "f.h5", tmp_path / "elsewhere/f.h5"))
+    assert codes[0] != 0 and codes[1] != 0, logs
+    text = "\n".join(logs)
+    assert "the ranks do not share their files. rank 1 on " in text, text[-3000:]
+    assert "does not see the output folder rank 0 writes" in text
+    assert not list(tmp_path.rglob("rows-*.h5")) and not list(tmp_path.rglob("f.h5"))  # nothing extracted
 
 
 # --- the input path ------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ How it runs (docs/extraction.md has the measurements):
 - Output: the final file is assembled from the checkpoints into preallocated datasets with full-width chunks, in a
   temporary file renamed into place at the end, so `<out>` is either absent, the previous file, or complete.
   Memory stays flat in the number of images: one batch and at most two checkpoints are ever held.
-- torchrun: each rank takes a contiguous share of the checkpoints still to do; rank 0 assembles the one file.
+- torchrun: each rank takes a contiguous share of the checkpoints still to do; global rank 0 assembles the one file.
+  The ranks share work through files: on several nodes, every node must see the index, the images and `<out>`'s
+  folder at the same paths (checked before any image is read: pipeline/core/features/nodes.py).
 
 The file depends only on the index, the backbone and `extract.precision` / `dtype` / `decode`: batch size, workers,
 thread count, checkpoint size, number of processes and interruptions leave its bytes unchanged (same machine, no
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from pipeline.core.data.index import IMAGE_SIZES_KEY, ImageLimits, image_limits, read_index
 from pipeline.core.data.preprocess import Preprocess
 from pipeline.core.features.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.features.nodes import check_nodes_share_files
 from pipeline.core.features.resume import (
     CheckpointWriter,
     assemble,
@@ -310,9 +313,11 @@ class _Plan:
     resumed: int
 
 
-def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths: dict[str, int], barrier) -> _Plan:
-    """Prepares the resume folder (rank 0), lists finished checkpoints, shares the rest out between ranks, and
-    checks the disk before any image is read."""
+def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths: dict[str, int], source: Path,
+          barrier) -> _Plan:
+    """Prepares the resume folder (rank 0), checks that every rank shares it, the index and the images (several
+    nodes), lists finished checkpoints, shares the rest out between ranks, and checks the disk before any image is
+    read."""
     info = dist_info()
     spans = checkpoint_spans(n_rows, cfg.checkpoint_rows)
     partial = partial_dir(out)
@@ -322,6 +327,7 @@ def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths:
         for stale in out.parent.glob(f".{out.name}.*.tmp"):  # from a run killed while writing the file
             stale.unlink(missing_ok=True)
     barrier()
+    check_nodes_share_files(partial, fingerprint["index_sha256"], source)
     done = completed_spans(partial, spans)
     todo = [s for s in spans if s not in done]
     mine = share(todo, info.rank, info.world_size)
@@ -356,7 +362,7 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}
         t0 = time.perf_counter()
-        plan = _plan(out, len(rows), fingerprint, cfg, net.widths, barrier)
+        plan = _plan(out, len(rows), fingerprint, cfg, net.widths, images.root, barrier)
         writer = CheckpointWriter(plan.partial, plan.spans, net.widths, cfg.dtype)
         store = _open_store(cfg, index_dir, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
