@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.features.nodes import NodesError, check_nodes_share_files, node_problems, node_report
+from pipeline.core.features.nodes import (
+    NodesError,
+    check_nodes_share_files,
+    check_same_choice,
+    node_problems,
+    node_report,
+)
 from pipeline.infra.runtime import resolve_device
 
 SHA = "a" * 64
@@ -61,6 +67,18 @@ def test_a_failed_check_raises_on_every_rank_with_the_problems(tmp_path: Path, m
     monkeypatch.setattr(nodes, "gather_to_all", lambda mine: [_report(0, "a"), mine])
     with pytest.raises(NodesError, match=r"rank 1 on .* does not see the output folder .*a shared file system"):
         check_nodes_share_files(tmp_path, SHA, tmp_path)
+
+
+def test_ranks_that_choose_different_jpeg_decoders_stop_naming_each_choice(monkeypatch):
+    """TorchCodec works on one node and not on another: the file could record only one of the two decoders."""
+    from pipeline.core.features import nodes
+
+    monkeypatch.setattr(nodes, "gather_to_all", lambda mine: [(0, "a", "torchcodec"), (1, "b", "torchcodec")])
+    assert check_same_choice("JPEG decoder", "torchcodec") == "torchcodec"
+    monkeypatch.setattr(nodes, "gather_to_all", lambda mine: [(0, "a", "torchcodec"), (1, "b", "torchvision")])
+    with pytest.raises(NodesError, match=r"chose different JPEG decoders \(rank 0 on a: torchcodec, rank 1 on b: "
+                                         r"torchvision\); name one in params.yaml"):
+        check_same_choice("JPEG decoder", "torchcodec")
 
 
 @pytest.mark.parametrize("rank,local_rank,world_size,want", [("5", "1", "8", "cuda:1"), ("0", "0", "1", "cuda")])

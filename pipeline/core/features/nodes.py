@@ -1,4 +1,4 @@
-"""Several torchrun nodes: every rank must see the same index, the same source images and the same output folder.
+"""Several torchrun nodes: every rank must see the same index, images and output folder, and decode alike.
 
 Why: extraction shares work through files, not messages. Every rank reads the index (`--index`) and the images (at
 the `source` path the index records), writes its checkpoints to `<out>.partial/`, and global rank 0 assembles them
@@ -82,3 +82,19 @@ def check_nodes_share_files(partial: Path, index_sha256: str, source: Path) -> N
     if info.is_main and len(hosts) > 1:
         log.info("extract: %d ranks on %d hosts (%s) share the index, the images and %s", len(reports), len(hosts),
                  ", ".join(hosts), partial.parent)
+
+
+def check_same_choice(what: str, value: str) -> str:
+    """`value` (a choice each rank makes for itself, such as the JPEG decoder) when every rank made the same one.
+
+    Why: the file records one choice; checkpoints from ranks that decoded differently would be merged under it.
+
+    Raises:
+        NodesError: on every rank, naming each rank's host and choice.
+    """
+    reports = gather_to_all((dist_info().rank, socket.gethostname(), value))
+    if len({v for _, _, v in reports}) > 1:
+        raise NodesError(f"extract under torchrun: the ranks chose different {what}s ("
+                         + ", ".join(f"rank {r} on {h}: {v}" for r, h, v in reports)
+                         + "); name one in params.yaml that works on every node")
+    return value
