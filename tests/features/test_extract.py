@@ -581,7 +581,8 @@ def test_jpeg_falls_back_to_torchvision_when_torchcodec_does_not_import(monkeypa
         assert choose_jpeg_decoder("torchvision", torch.device("cpu")) == "torchvision"
     first, forced = _decoder_log(caplog)
     assert first.startswith(f"extract: JPEG decoder torchvision {torchvision.__version__} on cpu (extract.decode: "
-                            "jpeg; torchcodec not usable: ModuleNotFoundError: import of torchcodec.decoders halted"), first
+                            "jpeg; torchcodec not usable: ModuleNotFoundError: import of torchcodec.decoders "
+                            "halted"), first
     assert forced == f"extract: JPEG decoder torchvision {torchvision.__version__} on cpu (extract.decode: torchvision)"
     with pytest.raises(JpegDecoderError, match=r"extract.decode: torchcodec: no JPEG decoder works on cpu "
                                                r"\(torchcodec: ModuleNotFoundError.*set extract.decode: jpeg"):
@@ -694,8 +695,8 @@ def test_torchcodec_decode_extracts_hymenoptera(hymenoptera: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_jpeg_decode_records_the_decoder_it_chose(hymenoptera: Path, tmp_path: Path, monkeypatch):
-    """`decode: jpeg` writes `jpeg_decoder` (and TorchCodec's version only when TorchCodec decoded), so files, checkpoints
-    and store rows from the two decoders are never mixed: the torchvision run reuses none of the TorchCodec run's
+    """`decode: jpeg` writes `jpeg_decoder` (and TorchCodec's version only when TorchCodec decoded), so files,
+    checkpoints and store rows from the two decoders are never mixed: the torchvision run reuses none of the TorchCodec run's
     rows. On a CPU the two decoders give the same features, byte for byte. `torchcodec` files keep their attributes."""
     src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=2)
     _, index = prepare_folder(tmp_path, src)

@@ -6,9 +6,10 @@ pass, so any head's pooling can be chosen later without running the backbone aga
 How it runs (docs/extraction.md has the measurements):
 
 - Input: DataLoader workers hand over uint8 pixels, or JPEG bytes that nvjpeg decodes on the GPU
-  (`extract.decode`, see pipeline/core/features/loader.py; the decoder: pipeline/core/features/jpeg_decoders.py); normalisation happens on the device. The network runs in
-  channels_last (1.3x faster on CPU, the layout tensor cores want on GPU), bf16 autocast with `extract.precision: bf16`.
-  On a CPU, freed memory stays in the heap during the run (`retained_heap`): 2.3x faster, no kernel page faults.
+  (`extract.decode`, see pipeline/core/features/loader.py; the JPEG decoders: pipeline/core/features/jpeg_decoders.py);
+  normalisation happens on the device. The network runs in channels_last (1.3x faster on CPU, the layout tensor
+  cores want on GPU), bf16 autocast with `extract.precision: bf16`. On a CPU, freed memory stays in the heap
+  during the run (`retained_heap`): 2.3x faster, no kernel page faults.
 - Overlap: the device-to-host copy of a batch's features is asynchronous and is waited for only after the next
   batch has been queued, so the GPU never idles while the host writes.
 - Checkpoints: rows are grouped into checkpoints of `extract.checkpoint_rows`; each finished checkpoint is written as
@@ -296,7 +297,8 @@ def _file_attrs(net: FeatureNet, pre: Preprocess, weights_sha: str, backbone: Ba
     and `torchvision` name it in `decode` already, and their files keep the attributes they had.
     """
     chosen = {"jpeg_decoder": jpeg_decoder} if cfg.decode == "jpeg" else {}
-    return {**chosen,
+    return {
+        **chosen,
         "backbone": backbone.name, "weights": backbone.weights, "weights_sha256": weights_sha,
         "preprocess": json.dumps(pre.to_dict(), sort_keys=True), "precision": cfg.precision,
         "dtype": cfg.dtype, "decode": cfg.decode, "index_sha256": sha256_file(index_dir / "index.csv"),

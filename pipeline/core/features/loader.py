@@ -13,9 +13,9 @@ Two routes, chosen by `extract.decode` (it changes the pixels, so it is an outpu
   `torchcodec`; on a CPU the two decoders give the same bytes, so features cached under that name keep their values.
 
 TorchCodec always applies a JPEG's EXIF orientation itself (there is no switch; its CPU decoder reads the first APP1
-segment, its CUDA decoder the first Exif one; torchvision's does not by default). The workers therefore remove the APP1 segments before the bytes reach
-it (:func:`strip_app1`) and the orientation that PIL reads, the one the `pil` path applies, is applied by hand:
-one parser decides, the same on CPU and GPU.
+segment, its CUDA decoder the first Exif one; torchvision's does not by default). The workers therefore remove the
+APP1 segments before the bytes reach the decoder (:func:`strip_app1`) and the orientation that PIL reads, the one the
+`pil` path applies, is applied by hand: one parser decides, the same on CPU and GPU, whichever decoder.
 
 Either way the workers hand over uint8 pixels (or compressed bytes), never float tensors: a quarter of the bytes
 through shared memory and over PCIe. Conversion to float and normalisation happen on the device with the same
