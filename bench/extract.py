@@ -11,10 +11,14 @@ and its parts are timed alone (input path, input + device preprocessing, model) 
 
 Model build time is excluded from both. Files are read once beforehand so both find them in the page cache.
 
-`--compare-decoders` times the JPEG decoders of the `decode: torchcodec` route side by side instead, through the
-very same route: TorchCodec's (the pipeline's) and torchvision.io.decode_jpeg (deprecated since torchvision 0.29, the
-decoder the route used before): the decoder alone, the route's per-image work, the input path with its DataLoader
-workers, and the pipeline end to end; img/s of each and the ratio, and whether the two features files are identical.
+`--decode` takes several values (`--decode pil,torchcodec,torchvision`): the textbook loop, then the pipeline once
+per route, side by side in one table (the parts and the larger-N RSS check for the first value only).
+
+`--compare-decoders` times the two JPEG decoders of the JPEG route side by side instead, through the very same
+route (`decode: torchcodec` and `decode: torchvision`): TorchCodec's and torchvision.io.decode_jpeg (deprecated since
+torchvision 0.29, yet the one that exists for every torch >= 2.4): the decoder alone, the route's per-image work, the
+input path with its DataLoader workers, and the pipeline end to end; img/s of each and the ratio, and whether the two
+features files are identical.
 """
 from __future__ import annotations
 
@@ -37,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULT = "BENCH_RESULT "
-# The JPEG decoders --compare-decoders times through the `torchcodec` route, the pipeline's last.
+# The JPEG decoders --compare-decoders times through the JPEG route (`extract.decode` forcing each), TorchCodec last.
 JPEG_DECODERS = {"torchvision": "torchvision.io.decode_jpeg (deprecated)", "torchcodec": "torchcodec.decoders.decode_jpeg"}
+DECODES = ("pil", "jpeg", "torchcodec", "torchvision")
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-GPU_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --decode torchcodec "
+GPU_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --decode pil,jpeg "
                "--batch-size 256 --workers 15 --rss-n 40000")
 GPU_DECODERS_COMMAND = ("python bench/extract.py --generate 10000 --device cuda --precision bf16 --batch-size 256 "
                         "--workers 15 --repeat 2 --compare-decoders")
@@ -182,9 +187,22 @@ def child_pipeline(a: argparse.Namespace) -> dict:
                                              store=None))
     size = out.stat().st_size
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    features = _features_sha256(out)
     out.unlink()
     return {"rows": summary["rows"], "seconds": summary["seconds"], "file_mb": size / 2**20, "sha256": digest,
-            **_peak_rss_mb()}
+            "features_sha256": features, **_peak_rss_mb()}
+
+
+def _features_sha256(path: Path) -> str:
+    """SHA-256 of a features file's arrays alone (not its attributes, which name the decoder and its version)."""
+    import h5py
+
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for split in sorted(f):
+            for name in sorted(f[split]):
+                digest.update(f[split][name][...].tobytes())
+    return digest.hexdigest()
 
 
 def child_parts(a: argparse.Namespace) -> dict:
@@ -215,15 +233,17 @@ def _parts(a: argparse.Namespace) -> dict:
 
     def loader():
         ds = ExtractDataset(meta["source"], [r["path"] for r in rows], [int(r["id"]) for r in rows], pre,
-                            a.decode, defer_jpeg=device.type == "cuda")
+                            a.decode, defer_jpeg=device.type == "cuda", jpeg_decoder=jpeg_decoder)
         return make_loader(ds, a.batch_size, a.workers, device)
+
+    jpeg_decoder = _jpeg_decoder(a.decode, device)
 
     out = {}
     t0 = time.perf_counter()
     for _ in loader():
         pass
     out["input_img_s"] = len(rows) / (time.perf_counter() - t0)
-    to_input = DeviceInput(pre, device)
+    to_input = DeviceInput(pre, device, jpeg_decoder)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in loader():
@@ -245,24 +265,11 @@ def _parts(a: argparse.Namespace) -> dict:
     return out
 
 
-def use_jpeg_decoder(name: str) -> None:
-    """Makes the `torchcodec` route decode with `name` (JPEG_DECODERS) in this process and its forked workers."""
-    if name == "torchcodec":
-        return  # the pipeline's own
-    import multiprocessing
-    import warnings
+def _jpeg_decoder(decode: str, device) -> str | None:
+    """The decoder the pipeline would use for `decode` on `device` (None for `pil`), as extraction chooses it."""
+    from pipeline.core.features.jpeg_decoders import JPEG_ROUTES, choose_jpeg_decoder
 
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from pipeline.core.features import loader
-
-    # What is measured is the deprecated decoder itself; its warning would only fill the log of every call.
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                            category=DeprecationWarning)
-    loader.jpeg_decoder = lambda raw, device: decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-    if multiprocessing.get_start_method() != "fork":  # spawned DataLoader workers would not see the swap
-        raise SystemExit(f"bench: --compare-decoders needs forked DataLoader workers, not "
-                         f"{multiprocessing.get_start_method()!r}")
+    return choose_jpeg_decoder(decode, device) if decode in JPEG_ROUTES else None
 
 
 def child_decode(a: argparse.Namespace) -> dict:
@@ -294,26 +301,28 @@ def child_decode(a: argparse.Namespace) -> dict:
             seconds.append(time.perf_counter() - t0)
         return len(raw) / min(seconds)
 
+    decode = loader.JPEG_DECODERS[a.jpeg_decoder]
+
     def decode_all():
         if device.type == "cuda":  # as the route does on a GPU: lists of DECODE_GROUP in one call
             for g in range(0, len(raw), loader.DECODE_GROUP):
-                loader.jpeg_decoder(raw[g:g + loader.DECODE_GROUP], device)
+                decode(raw[g:g + loader.DECODE_GROUP], device)
         else:
             for r in raw:
-                loader.jpeg_decoder(r, device)
+                decode(r, device)
 
     # the route's own work per image, as a worker (CPU) or the main process (GPU) does it, without a DataLoader
     ids = list(range(len(rows)))
-    ds = loader.ExtractDataset(meta["source"], [r["path"] for r in rows], ids, pre, "torchcodec",
+    ds = loader.ExtractDataset(meta["source"], [r["path"] for r in rows], ids, pre, a.jpeg_decoder,
                                defer_jpeg=device.type == "cuda")
-    to_input = loader.DeviceInput(pre, device)
+    to_input = loader.DeviceInput(pre, device, a.jpeg_decoder)
 
     def route_all():
         with torch.inference_mode():
             for b in range(0, len(ds), a.batch_size):
                 to_input.pixels(loader.collate([ds[i] for i in ids[b:b + a.batch_size]]))
 
-    loader.jpeg_decoder(raw[:2], device)  # warm-up (nvjpeg handles, CUDA context)
+    decode(raw[:2], device)  # warm-up (nvjpeg handles, CUDA context)
     out = {"decode_img_s": best_rate(decode_all), "route_img_s": best_rate(route_all)}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -380,11 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tf_efficientnet_lite0", help="backbone, bundled weights (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pipeline only (default: %(default)s)")
-    p.add_argument("--decode", choices=("pil", "torchcodec", "torchvision"), default="pil",
-                   help="pipeline only; torchcodec = nvjpeg on a GPU, torchvision = its deprecated alias "
-                        "(default: %(default)s)")
+    p.add_argument("--decode", default="pil",
+                   help=f"pipeline only: extract.decode, one or several comma-separated ({', '.join(DECODES)}); "
+                        "jpeg = nvJPEG on a GPU through TorchCodec, else torchvision (default: %(default)s)")
     p.add_argument("--compare-decoders", action="store_true",
-                   help="instead of the two loops: the `torchcodec` route with TorchCodec's JPEG decoder and with "
+                   help="instead of the two loops: the JPEG route with TorchCodec's JPEG decoder and with "
                         "torchvision.io.decode_jpeg (deprecated), side by side (alone, route, input path, end to end)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each loop this many times, alternating, and keep the best (default: %(default)s)")
@@ -404,7 +413,6 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-        use_jpeg_decoder(a.jpeg_decoder)
         fn = {"textbook": child_textbook, "pipeline": child_pipeline, "parts": child_parts,
               "decode": child_decode}[a.child]
         print(RESULT + json.dumps(fn(a)), flush=True)
@@ -445,43 +453,54 @@ def _drive(a: argparse.Namespace) -> None:
           f"{a.image_size} px, {a.model}")
     if a.compare_decoders:
         print(f"budget:  batch {a.batch_size}, {a.workers} DataLoader workers, {a.threads} torch threads, "
-              f"device {a.device}; pipeline precision {a.precision}, decode torchcodec with each JPEG decoder",
+              f"device {a.device}; pipeline precision {a.precision}, the JPEG route with each JPEG decoder",
               flush=True)
         compare_decoders(a, index)
         return
+    decodes = a.decode.split(",")
+    if not decodes or any(d not in DECODES for d in decodes):
+        raise SystemExit(f"bench: --decode {a.decode!r}: give one or more of {', '.join(DECODES)}, comma-separated")
+    first = decodes[0]  # the route the larger-N run and the parts are timed with
     index2 = write_index(a.workdir / f"index-{rss_n}", a.root, classes, cycled(samples, rss_n))
     print(f"budget:  batch {a.batch_size}, {a.workers} DataLoader workers, {a.threads} torch threads, "
-          f"device {a.device}; pipeline precision {a.precision}, decode {a.decode}", flush=True)
-    textbooks, pipelines = [], []
-    for _ in range(a.repeat):  # alternated, so that load from other processes hits both loops alike
-        textbooks.append(run_child("textbook", a))
-        pipelines.append(run_child("pipeline", a, index=index, out=a.workdir / "features.h5"))
-    pipeline2 = run_child("pipeline", a, n=rss_n, index=index2, out=a.workdir / "features2.h5")
+          f"device {a.device}; pipeline precision {a.precision}, decode {', '.join(decodes)}", flush=True)
+    textbooks, pipelines = [], {d: [] for d in decodes}
+    for _ in range(a.repeat):  # alternated, so that load from other processes hits every loop alike
+        textbooks.append(run_child("textbook", a, decode=first))
+        for d in decodes:
+            pipelines[d].append(run_child("pipeline", a, index=index, out=a.workdir / f"features-{d}.h5", decode=d))
+    pipeline2 = run_child("pipeline", a, n=rss_n, index=index2, out=a.workdir / "features2.h5", decode=first)
     # The textbook loop again with the heap setting the pipeline applies on CPUs (see retained_heap), through glibc's
     # own environment switch: how much of the gap is the allocator, and how much the pipeline's own work.
-    tuned = run_child("textbook", a, env_extra={"GLIBC_TUNABLES": GLIBC_TUNABLES}) if a.device == "cpu" else None
-    parts = None if a.no_parts else run_child("parts", a, index=index)
+    tuned = (run_child("textbook", a, env_extra={"GLIBC_TUNABLES": GLIBC_TUNABLES}, decode=first)
+             if a.device == "cpu" else None)
+    parts = None if a.no_parts else run_child("parts", a, index=index, decode=first)
     if a.repeat > 1:
         print("runs (img/s): textbook " + ", ".join(f"{r['rows'] / r['seconds']:.1f}" for r in textbooks)
-              + "; pipeline " + ", ".join(f"{r['rows'] / r['seconds']:.1f}" for r in pipelines) + " (best kept)")
+              + "".join(f"; pipeline {d} " + ", ".join(f"{r['rows'] / r['seconds']:.1f}" for r in rs)
+                        for d, rs in pipelines.items()) + " (best kept)")
     textbook = max(textbooks, key=lambda r: r["rows"] / r["seconds"])
-    pipeline = max(pipelines, key=lambda r: r["rows"] / r["seconds"])
+    best = {d: max(rs, key=lambda r: r["rows"] / r["seconds"]) for d, rs in pipelines.items()}
+    pipeline = best[first]
 
-    rate = {k: r["rows"] / r["seconds"] for k, r in (("t", textbook), ("p", pipeline), ("p2", pipeline2),
-                                                      ("tt", tuned)) if r}
+    rate = {k: r["rows"] / r["seconds"] for k, r in (("t", textbook), ("p2", pipeline2), ("tt", tuned),
+                                                      *((f"p:{d}", r) for d, r in best.items())) if r}
+    rate["p"] = rate[f"p:{first}"]
     print()
     print("| loop | rows | seconds | img/s | peak RSS main | peak RSS worker |")
     print("|---|---|---|---|---|---|")
     for name, r, k in (("textbook (ImageFolder + PIL + DataLoader + torch.cat, NCHW fp32)", textbook, "t"),
-                       (f"pipeline (extract_features -> HDF5, {a.precision})", pipeline, "p"),
-                       ("pipeline, larger N (peak RSS check)", pipeline2, "p2"),
+                       *((f"pipeline (extract_features -> HDF5, {a.precision}, decode {d})", r, f"p:{d}")
+                         for d, r in best.items()),
+                       (f"pipeline, larger N (peak RSS check, decode {first})", pipeline2, "p2"),
                        (f"textbook + GLIBC_TUNABLES={GLIBC_TUNABLES}", tuned, "tt")):
         if not r:
             continue
         print(f"| {name} | {r['rows']} | {r['seconds']:.2f} | {rate[k]:.1f} | {r['rss_main_mb']:.0f} MB "
               f"| {r['rss_worker_mb']:.0f} MB |")
     print()
-    print(f"speed-up pipeline / textbook: {rate['p'] / rate['t']:.2f}x")
+    for d in decodes:
+        print(f"speed-up pipeline (decode {d}) / textbook: {rate[f'p:{d}'] / rate['t']:.2f}x")
     if tuned:
         print(f"speed-up pipeline / textbook with the same heap setting: {rate['p'] / rate['tt']:.2f}x")
     print(f"pipeline peak RSS: N={pipeline['rows']}: {pipeline['rss_main_mb']:.0f} MB main, "
@@ -504,14 +523,14 @@ def _drive(a: argparse.Namespace) -> None:
 
 
 def compare_decoders(a: argparse.Namespace, index: Path) -> None:
-    """Both JPEG decoders through the `torchcodec` route, alternated `--repeat` times (best kept), and their ratio."""
+    """Both JPEG decoders through the JPEG route, alternated `--repeat` times (best kept), and their ratio."""
     runs: dict[str, list[dict]] = {name: [] for name in JPEG_DECODERS}
     for _ in range(a.repeat):  # alternated, so that load from other processes hits both decoders alike
         for name in JPEG_DECODERS:
             parts = run_child("decode", a, index=index, jpeg_decoder=name)
-            end = run_child("pipeline", a, index=index, out=a.workdir / f"features-{name}.h5", decode="torchcodec",
-                            jpeg_decoder=name)
-            runs[name].append({**parts, "pipeline_img_s": end["rows"] / end["seconds"], "sha256": end["sha256"]})
+            end = run_child("pipeline", a, index=index, out=a.workdir / f"features-{name}.h5", decode=name)
+            runs[name].append({**parts, "pipeline_img_s": end["rows"] / end["seconds"],
+                               "features_sha256": end["features_sha256"]})
     columns = (("decode_img_s", "decoder alone (full size)"), ("route_img_s", "route per image (no DataLoader)"),
                ("input_img_s", f"input path ({a.workers} workers)"), ("pipeline_img_s", "pipeline end to end"))
     if a.repeat > 1:
@@ -528,9 +547,10 @@ def compare_decoders(a: argparse.Namespace, index: Path) -> None:
     old, new = best["torchvision"], best["torchcodec"]
     print("| ratio torchcodec / torchvision | " + " | ".join(f"{new[key] / old[key]:.2f}x" for key, _ in columns)
           + " |")
-    digests = {r["sha256"] for rs in runs.values() for r in rs}
+    digests = {r["features_sha256"] for rs in runs.values() for r in rs}
     print()
-    print("features files of every run byte-identical: " + ("yes" if len(digests) == 1 else f"no ({len(digests)})"))
+    print("features of every run byte-identical (the arrays; the attributes name the decoder): "
+          + ("yes" if len(digests) == 1 else f"no ({len(digests)} different)"))
 
 
 if __name__ == "__main__":

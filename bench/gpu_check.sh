@@ -5,11 +5,14 @@
 #   B. the default pipeline (every dvc.yaml stage command, in order) on the GPU, then `python -m pipeline.verify`
 #      against the committed CPU results: verdicts, largest feature and metric differences;
 #   A. the fine-tune seed spread on the default data for a few `finetune` variants (bench/finetune_seeds.py);
-#   C. extraction throughput, bf16, PIL decode, against the textbook loop (bench/extract.py).
+#   C. extraction throughput, bf16, against the textbook loop (bench/extract.py): the PIL route and the JPEG route
+#      (nvJPEG) with each JPEG decoder that works there (TorchCodec, torchvision), side by side; then the GPU test of
+#      the JPEG route's pixels against PIL's on hymenoptera, where pytest and the data set are there.
 # Packages missing there travel as pure-Python copies in .devsite/pure (dvc's and dvclive's modules that dvclive
 # imports, timm 1.0.31 and the bundled Lite0 weights): a .pth file puts them first on that Python's path.
 #
 #     bash bench/gpu_check.sh                 # on the GPU machine, from the repo root; OUT=folder for the results
+#     PARTS=C bash bench/gpu_check.sh         # only some parts (default: BAC)
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -33,6 +36,8 @@ if ! git rev-parse HEAD >/dev/null 2>&1; then  # verify compares with git HEAD: 
   git init -q && git add -A && git -c user.email=gpu@check -c user.name=gpu commit -qm "as travelled"
 fi
 
+PARTS=${PARTS:-BAC}
+if [[ $PARTS == *B* ]]; then
 echo "== B: default pipeline on the GPU" | tee "$OUT/pipeline.log"
 timeout "${LIMIT_B:-170}" python - <<'EOF' 2>&1 | grep -v "it/s\]" | tee -a "$OUT/pipeline.log"
 import subprocess, time, yaml
@@ -58,13 +63,32 @@ for name, stage in yaml.safe_load(open("dvc.lock"))["stages"].items():
 PY
   cat metrics/evaluate.json
 } 2>&1 | tee "$OUT/verify.log"
+fi
 
+if [[ $PARTS == *A* ]]; then
 echo "== A: fine-tune seed spread on the GPU" | tee "$OUT/seeds.log"
 timeout "${LIMIT_A:-270}" python bench/finetune_seeds.py --data data/digits --work /tmp/seeds --seeds 0 1 2 \
   --variant "" --variant "ema_decay=0.99" --variant "select=loss" --variant "ema_decay=0.99,select=loss" 2>&1 \
   | grep -v " INFO " | tee -a "$OUT/seeds.log"
+fi
 
-echo "== C: extraction throughput" | tee "$OUT/extract.log"
-timeout "${LIMIT_C:-100}" python bench/extract.py --generate 3000 --batch-size 256 --workers 14 --precision bf16 \
-  --decode pil --no-parts --rss-n 1000 2>&1 | grep -v " INFO " | tee -a "$OUT/extract.log"
+if [[ $PARTS == *C* ]]; then
+echo "== C: extraction throughput: PIL route, JPEG route with each decoder, textbook loop" | tee "$OUT/extract.log"
+# TorchCodec has no wheel for some torch releases (none for 2.11): then the JPEG route has torchvision's alone
+decodes=$(python - 2>>"$OUT/extract.log" <<'PY'
+import sys, torch
+from pipeline.core.features.jpeg_decoders import why_unusable
+reason = why_unusable("torchcodec", torch.device("cuda"))
+print("pil,torchcodec,torchvision" if reason is None else "pil,torchvision")
+if reason:
+    print("torchcodec not usable here:", reason, file=sys.stderr)
+PY
+)
+decodes=${decodes:-pil,torchvision}
+echo "routes timed: $decodes" | tee -a "$OUT/extract.log"
+timeout "${LIMIT_C:-150}" python bench/extract.py --generate 3000 --batch-size 256 --workers 14 --precision bf16 \
+  --decode "$decodes" --no-parts --rss-n 1000 2>&1 | grep -v " INFO " | tee -a "$OUT/extract.log"
+timeout 120 python -m pytest -q -p no:cacheprovider tests/features/test_extract.py -k nvjpeg 2>&1 | tail -5 \
+  | tee -a "$OUT/extract.log"
+fi
 echo "done at $(date -u)"

@@ -132,9 +132,10 @@ class BackboneConfig:
 class ExtractConfig:
     """How extraction runs. Only `precision`, `dtype` and `decode` change the output; the rest is speed.
 
-    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or `torchcodec`
-    (`torchcodec.decoders.decode_jpeg` for JPEGs: nvjpeg on a GPU, resize on the device; other formats through PIL);
-    `torchvision` is its deprecated alias (the same decoding, logged once), from before torchvision 0.29.
+    `decode`: `pil` (PIL decode and resize in the DataLoader workers, any format) or the JPEG route (JPEGs decoded
+    by nvJPEG on a GPU, libjpeg-turbo on a CPU, resized on the device; other formats and refused files through PIL):
+    `jpeg` decodes with TorchCodec where it works, else with `torchvision.io.decode_jpeg` (any torch >= 2.4), and
+    records which; `torchcodec` and `torchvision` force that decoder (`torchvision` was an alias of `torchcodec`).
     `checkpoint_rows`: rows per resume checkpoint; a killed run loses at most this many rows per process.
     `store`: folder of the feature store (pipeline/core/features/store.py): rows already extracted with the same
     settings are reused by content hash, so a grown image folder sends only its new images through the backbone;
@@ -147,7 +148,7 @@ class ExtractConfig:
 
     precision: Literal["fp32", "bf16"] = "fp32"
     dtype: Literal["float32", "float16"] = "float32"
-    decode: Literal["pil", "torchcodec", "torchvision"] = "pil"
+    decode: Literal["pil", "jpeg", "torchcodec", "torchvision"] = "pil"
     batch_size: int = _speed(64)
     workers: int = _speed(2)
     checkpoint_rows: int = _speed(1024)

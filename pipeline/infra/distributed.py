@@ -41,6 +41,28 @@ def process_group(device: torch.device, timeout: datetime.timedelta | None = Non
         dist.destroy_process_group()
 
 
+def broadcast_from_main(value: object) -> object:
+    """Rank 0's `value` on every rank (a picklable object); identity in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_all(value: object) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank; `[value]` in one process.
+
+    Every rank gets the same list, so a decision taken from it (stop with an error) is taken by all ranks alike and
+    none is left waiting at a barrier for a rank that stopped.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sums numbers over ranks (for epoch totals); identity in one process."""
     if not (dist.is_available() and dist.is_initialized()):

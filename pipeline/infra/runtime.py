@@ -145,7 +145,12 @@ def single_threaded(enabled: bool = True, *, blas: bool = True) -> Iterator[None
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks the local CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    """`auto` picks the local CUDA device when there is one (LOCAL_RANK under torchrun), else the CPU.
+
+    Under torchrun a bare `cuda` is this rank's GPU on its node, `cuda:LOCAL_RANK` (never the global RANK: on the
+    second node of two with 4 GPUs each, RANK runs 4-7 but the GPUs are 0-3). Without it every rank of a node would
+    share GPU 0, and NCCL refuses a device without an index. `cuda:N` stays the device named.
+    """
     import torch
 
     if name == "auto":
@@ -155,6 +160,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")
+    if device.type == "cuda" and device.index is None and dist_info().world_size > 1:
+        return torch.device("cuda", dist_info().local_rank)
     return device
 
 

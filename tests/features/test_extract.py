@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from pipeline.core.data.images import eval_transform, load_rgb
 from pipeline.core.data.index import read_index
 from pipeline.core.features import extraction as ex
 from pipeline.core.features import loader as loader_module
+from pipeline.core.features.jpeg_decoders import JpegDecoderError, choose_jpeg_decoder, why_unusable
 from pipeline.core.features.loader import (
     DeviceInput,
     ExtractDataset,
@@ -150,7 +152,7 @@ def test_attributes_record_precision_dtype_decode(digits60, tmp_path: Path):
 def test_unknown_decode_is_refused_with_the_choices(tmp_path: Path):
     params = tmp_path / "params.yaml"
     params.write_text("extract:\n  decode: nvjpeg\n")
-    with pytest.raises(ConfigError, match=r"extract.decode = 'nvjpeg' is not allowed; choose one of: pil, torchcodec, torchvision"):
+    with pytest.raises(ConfigError, match=r"extract.decode = 'nvjpeg' is not allowed; choose one of: pil, jpeg, torchcodec, torchvision"):
         load_section("extract", params)
 
 
@@ -383,6 +385,65 @@ def test_torchrun_two_processes_merge_into_the_one_process_file(digits60, tmp_pa
     assert sha256(out) == sha256(digits60["ref"])  # and in fact the very same bytes
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(tmp_path: Path, params: Path, index: Path, outs: tuple[Path, Path]) -> tuple[list[int], list[str]]:
+    """Runs extraction as two torchrun nodes on this machine (one agent each, c10d rendezvous, gloo on the CPU), node
+    `k` writing `outs[k]`; returns their exit codes and outputs."""
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"localhost:{_free_port()}", "--rdzv_id", f"extract-{os.getpid()}"]
+    # is_host: the first agent serves the rendezvous store (on two real hosts, the endpoint's host does)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv_conf",
+                               f"is_host={int(node == 0)}", "-m", "pipeline.extract", "--params", str(params),
+                               "--index", str(index), "--out", str(outs[node])],
+                              env=_env(tmp_path / f"node{node}"), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in nodes]
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [proc.returncode for proc in nodes], logs
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_merge_into_the_one_process_file(digits60, tmp_path: Path):
+    """Two torchrun "nodes" on this machine: both ranks have LOCAL_RANK 0, global ranks 0 and 1. Rank 0 (whichever
+    node it lands on) assembles the shared output folder's checkpoints into the one-process file, byte for byte.
+    The README's multi-node command is this one."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    out = tmp_path / "nodes.h5"
+    codes, logs = _two_nodes(tmp_path, params, digits60["index"], (out, out))
+    assert codes == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    assert sum("x 2" in log for log in logs) == 1  # global rank 0 alone reports, a world of two
+    assert sha256(out) == sha256(digits60["ref"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("node0", "node1", "feature_store")) == [
+        "nodes.h5", "params.yaml"]  # no partial folder, no probe, no temporary file left
+
+
+@pytest.mark.slow
+def test_torchrun_nodes_without_a_shared_output_folder_stop_before_extracting(digits60, tmp_path: Path):
+    """A node whose --out folder is not the others' (here: another path; on real hosts: a local disk) stops every
+    rank before any image is read, naming the host, instead of rank 0 finding checkpoints missing at the end."""
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"batch_size": 16, "workers": 0, "checkpoint_rows": 8})
+    (tmp_path / "elsewhere").mkdir()
+    codes, logs = _two_nodes(tmp_path, params, digits60["index"], (tmp_path / "f.h5", tmp_path / "elsewhere/f.h5"))
+    assert codes[0] != 0 and codes[1] != 0, logs
+    text = "\n".join(logs)
+    assert "the ranks do not share their files. rank 1 on " in text, text[-3000:]
+    assert "does not see the output folder rank 0 writes" in text
+    assert not list(tmp_path.rglob("rows-*.h5")) and not list(tmp_path.rglob("f.h5"))  # nothing extracted
+
+
 # --- the input path ------------------------------------------------------------------------------------------------
 
 
@@ -399,7 +460,8 @@ def test_tensor_orientation_matches_pil_exif_transpose(orientation: int, method)
     np.testing.assert_array_equal(apply_orientation(batch, orientation).permute(0, 2, 3, 1).numpy()[1], want)
 
 
-def test_decoding_a_list_equals_decoding_one_at_a_time(tmp_path: Path):
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_decoding_a_list_equals_decoding_one_at_a_time(tmp_path: Path, decoder: str):
     """Same-size images are resized together; each must come out exactly as if decoded alone."""
     paths = []
     for i, orientation in enumerate([1, 6, 1, 3, 6]):
@@ -410,8 +472,8 @@ def test_decoding_a_list_equals_decoding_one_at_a_time(tmp_path: Path):
     raw = [torch.frombuffer(strip_app1(p.read_bytes()), dtype=torch.uint8) for p in paths]
     turns = [jpeg_orientation(p.read_bytes()) for p in paths]
     cpu = torch.device("cpu")
-    together = decode_jpegs(raw, turns, [str(p) for p in paths], pre, cpu)
-    alone = [decode_jpegs([r], [t], [str(p)], pre, cpu)[0] for r, t, p in zip(raw, turns, paths)]
+    together = decode_jpegs(raw, turns, [str(p) for p in paths], pre, cpu, decoder)
+    alone = [decode_jpegs([r], [t], [str(p)], pre, cpu, decoder)[0] for r, t, p in zip(raw, turns, paths)]
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -466,9 +528,9 @@ def test_strip_app1_removes_exif_and_xmp_and_keeps_the_pixels(tmp_path: Path):
 
 @pytest.mark.parametrize("decode", ["torchcodec", "torchvision"])
 def test_jpeg_route_is_upright_and_close_to_pil(tmp_path: Path, decode: str):
-    """Rotated camera JPEGs (one with XMP before its EXIF), CMYK JPEG and PNG through the JPEG route: the same
-    geometry as PIL and close pixels, in the workers and in the main process (the GPU's code path, run on the CPU).
-    `torchvision` is the deprecated name of the same route: the same pixels."""
+    """Rotated camera JPEGs (one with XMP before its EXIF), CMYK JPEG and PNG through the JPEG route with each
+    decoder: the same geometry as PIL and close pixels, in the workers and in the main process (the GPU's code path,
+    run on the CPU). The CMYK JPEG goes to PIL by its header, per image, whichever decoder."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     _jpeg_with_orientation(folder / "rot6.jpg", 6)
@@ -487,7 +549,7 @@ def test_jpeg_route_is_upright_and_close_to_pil(tmp_path: Path, decode: str):
     in_worker = DeviceInput(pre, cpu).pixels(collate([worker[i] for i in ids]))
     batch = collate([deferred[i] for i in ids])
     assert batch.jpeg_pos.tolist() == [0, 1] and batch.pixel_pos.tolist() == [2, 3]
-    in_main = DeviceInput(pre, cpu).pixels(batch)
+    in_main = DeviceInput(pre, cpu, decode).pixels(batch)
     torch.testing.assert_close(in_main, in_worker, rtol=0, atol=0)
     torch.testing.assert_close(in_worker[2:], pil[2:], rtol=0, atol=0)  # CMYK and PNG went through PIL
     for k in (0, 1):
@@ -495,24 +557,73 @@ def test_jpeg_route_is_upright_and_close_to_pil(tmp_path: Path, decode: str):
         assert diff < 3, (paths[k], diff)  # another resize filter, but the same upright image (a wrong turn: > 40)
 
 
-def test_deprecated_alias_is_logged_once(tmp_path: Path, caplog):
-    from pipeline.core.features import loader
+def _decoder_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: JPEG decoder")]
 
-    loader._log_deprecated_alias.cache_clear()
+
+def test_jpeg_chooses_torchcodec_where_it_works_and_logs_it_once(caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert choose_jpeg_decoder("jpeg", torch.device("cpu")) == "torchcodec"
+    import torchcodec
+
+    assert _decoder_log(caplog) == [f"extract: JPEG decoder torchcodec {torchcodec.__version__} on cpu "
+                                    "(extract.decode: jpeg)"]
+
+
+def test_jpeg_falls_back_to_torchvision_when_torchcodec_does_not_import(monkeypatch, caplog):
+    """As on a torch without a TorchCodec wheel (the H200's torch 2.11): `jpeg` decodes with torchvision and says
+    why in its one line; `torchcodec` named explicitly stops with what to set instead."""
+    import torchvision
+
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # `from torchcodec.decoders import` -> ImportError
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert choose_jpeg_decoder("jpeg", torch.device("cpu")) == "torchvision"
+        assert choose_jpeg_decoder("torchvision", torch.device("cpu")) == "torchvision"
+    first, forced = _decoder_log(caplog)
+    assert first.startswith(f"extract: JPEG decoder torchvision {torchvision.__version__} on cpu (extract.decode: "
+                            "jpeg; torchcodec not usable: ModuleNotFoundError: import of torchcodec.decoders "
+                            "halted"), first
+    assert forced == f"extract: JPEG decoder torchvision {torchvision.__version__} on cpu (extract.decode: torchvision)"
+    with pytest.raises(JpegDecoderError, match=r"extract.decode: torchcodec: no JPEG decoder works on cpu "
+                                               r"\(torchcodec: ModuleNotFoundError.*set extract.decode: jpeg"):
+        choose_jpeg_decoder("torchcodec", torch.device("cpu"))
+
+
+def test_jpeg_with_no_working_decoder_says_to_use_pil(monkeypatch):
+    def broken(raw, device):
+        raise RuntimeError("no nvjpeg here")
+
+    monkeypatch.setitem(loader_module.JPEG_DECODERS, "torchcodec", broken)
+    monkeypatch.setitem(loader_module.JPEG_DECODERS, "torchvision", broken)
+    with pytest.raises(JpegDecoderError, match=r"torchcodec: RuntimeError: no nvjpeg here; torchvision: RuntimeError: "
+                                               r"no nvjpeg here\); set extract.decode: pil"):
+        choose_jpeg_decoder("jpeg", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_a_file_the_decoder_refuses_is_decoded_by_pil_alone(tmp_path: Path, decoder: str, caplog):
+    """A non-JPEG file among JPEG bytes (as a misnamed or damaged file would be): the list call fails, each image is
+    retried alone, and the refused one alone goes through PIL, with a warning naming it."""
+    good = _jpeg_with_orientation(tmp_path / "good.jpg", 1)
+    odd = tmp_path / "odd.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 30)).save(odd, "PNG")
     _, pre, _ = build_backbone(BackboneConfig(image_size=32), load_weights=False)
+    raw = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in (good, odd)]
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        for _ in range(3):
-            ExtractDataset(tmp_path, [], [], pre, "torchvision")
-        ExtractDataset(tmp_path, [], [], pre, "torchcodec")
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.core.features.loader"]
-    assert len(lines) == 1 and "'torchvision' is a deprecated alias of 'torchcodec'" in lines[0], lines
+        got = decode_jpegs(raw, [1, 1], [str(good), str(odd)], pre, torch.device("cpu"), decoder)
+    torch.testing.assert_close(got[1], pil_pixels(odd, pre), rtol=0, atol=0)
+    assert (got[0].float() - pil_pixels(good, pre).float()).abs().mean() < 3
+    [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert line.startswith(f"the JPEG decoder on cpu refused {odd} (") and "decoding it with PIL instead" in line
 
 
 @pytest.mark.slow
-def test_jpeg_route_decodes_hymenoptera_to_the_pil_pixels(hymenoptera: Path):
-    """Every hymenoptera JPEG: TorchCodec's full-size decode (APP1 stripped, turned by PIL's tag) is load_rgb's pixels
-    byte for byte; after the device resize and crop (224 px) the route's pixels are within 2 levels of the PIL path's
-    (measured: at most 2, mean at most 0.011 per file), against up to 255 for a wrong image or turn."""
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_jpeg_route_decodes_hymenoptera_to_the_pil_pixels(hymenoptera: Path, decoder: str):
+    """Every hymenoptera JPEG, with each decoder: the full-size decode (APP1 stripped, turned by PIL's tag) is
+    load_rgb's pixels byte for byte (so the two decoders agree byte for byte on a CPU); after the device resize and
+    crop (224 px) the route's pixels are within 2 levels of the PIL path's (measured with TorchCodec: at most 2, mean
+    at most 0.011 per file), against up to 255 for a wrong image or turn."""
     _, pre, _ = build_backbone(BackboneConfig(image_size=224), load_weights=False)
     cpu = torch.device("cpu")
     files = sorted(p for p in hymenoptera.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -522,11 +633,36 @@ def test_jpeg_route_decodes_hymenoptera_to_the_pil_pixels(hymenoptera: Path):
         data = path.read_bytes()
         turn = jpeg_orientation(data)
         raw = torch.frombuffer(strip_app1(data), dtype=torch.uint8)
-        full = apply_orientation(loader_module.jpeg_decoder(raw, cpu), turn)
+        full = apply_orientation(loader_module.JPEG_DECODERS[decoder](raw, cpu), turn)
         torch.testing.assert_close(full, _upright_pixels(path), rtol=0, atol=0, msg=str(path))
-        diff = (decode_jpegs([raw], [turn], [str(path)], pre, cpu)[0].float() - pil_pixels(path, pre).float()).abs()
+        route = decode_jpegs([raw], [turn], [str(path)], pre, cpu, decoder)[0]
+        diff = (route.float() - pil_pixels(path, pre).float()).abs()
         worst_max, worst_mean = max(worst_max, diff.max().item()), max(worst_mean, diff.mean().item())
     assert worst_max <= 2 and worst_mean < 0.05, (worst_max, worst_mean)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU; the CPU decoders are checked above")
+def test_nvjpeg_route_on_the_gpu_is_close_to_pil_with_each_decoder(hymenoptera: Path, caplog):
+    """On a GPU, `jpeg` chooses a decoder that works there, and the route through nvJPEG (both decoders, in batched
+    lists as extraction calls them) stays within 1 level on average of the PIL path on every hymenoptera JPEG (nvJPEG's
+    IDCT and chroma upsampling are not libjpeg-turbo's, so not byte for byte; a wrong image or turn is > 40)."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        chosen = choose_jpeg_decoder("jpeg", cuda)
+    assert _decoder_log(caplog) and chosen in ("torchcodec", "torchvision")
+    _, pre, _ = build_backbone(BackboneConfig(image_size=224), load_weights=False)
+    files = sorted(p for p in hymenoptera.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    data = [p.read_bytes() for p in files]
+    turns = [jpeg_orientation(d) for d in data]
+    raw = [torch.frombuffer(strip_app1(d), dtype=torch.uint8) for d in data]
+    pil = torch.stack([pil_pixels(p, pre) for p in files]).float()
+    for decoder in ("torchcodec", "torchvision"):
+        if decoder == "torchcodec" and why_unusable(decoder, cuda):
+            continue  # no TorchCodec for this torch: torchvision's nvJPEG alone
+        got = torch.stack(decode_jpegs(raw, turns, [str(p) for p in files], pre, cuda, decoder)).float().cpu()
+        per_file = (got - pil).abs().mean(dim=(1, 2, 3))
+        assert per_file.max() < 1.0, (decoder, files[int(per_file.argmax())], per_file.max().item())
 
 
 def test_pil_path_pixels_normalise_to_the_tutorial_transform_exactly(digits60):
@@ -555,6 +691,31 @@ def test_torchcodec_decode_extracts_hymenoptera(hymenoptera: Path, tmp_path: Pat
     b = np.concatenate([v["avg"] for v in _features(pil).values()])
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.9, cos
+
+
+@pytest.mark.slow
+def test_jpeg_decode_records_the_decoder_it_chose(hymenoptera: Path, tmp_path: Path, monkeypatch):
+    """`decode: jpeg` writes `jpeg_decoder` (and TorchCodec's version only when TorchCodec decoded), so files,
+    checkpoints and store rows from the two decoders are never mixed: the torchvision run reuses none of the TorchCodec run's
+    rows. On a CPU the two decoders give the same features, byte for byte. `torchcodec` files keep their attributes."""
+    src = copy_hymenoptera_slice(hymenoptera, tmp_path / "hym", per_class=2)
+    _, index = prepare_folder(tmp_path, src)
+    auto, forced, fallback = tmp_path / "auto.h5", tmp_path / "tc.h5", tmp_path / "tv.h5"
+    ex.extract_features(index, auto, BB32, ExtractConfig(decode="jpeg", workers=0))
+    ex.extract_features(index, forced, BB32, ExtractConfig(decode="torchcodec", workers=0, store=None))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torchcodec.decoders", None)  # as where TorchCodec has no wheel
+        summary = ex.extract_features(index, fallback, BB32, ExtractConfig(decode="jpeg", workers=0))
+    assert summary["rows_reused"] == 0 and summary["rows_extracted"] == 8
+    with h5py.File(auto, "r") as a, h5py.File(forced, "r") as c, h5py.File(fallback, "r") as v:
+        assert (a.attrs["decode"], a.attrs["jpeg_decoder"]) == ("jpeg", "torchcodec")
+        assert (v.attrs["decode"], v.attrs["jpeg_decoder"]) == ("jpeg", "torchvision")
+        assert "torchcodec" in json.loads(a.attrs["versions"]) and "torchcodec" not in json.loads(v.attrs["versions"])
+        assert "jpeg_decoder" not in c.attrs and "torchcodec" in json.loads(c.attrs["versions"])
+    feats = [_features(p) for p in (auto, forced, fallback)]
+    for split in feats[0]:
+        for other in feats[1:]:
+            np.testing.assert_array_equal(other[split]["avg"], feats[0][split]["avg"])
 
 
 # --- backbone.image_size: auto -------------------------------------------------------------------------------------
@@ -638,13 +799,14 @@ def test_the_deprecation_check_sees_a_library_deprecation_called_from_the_packag
     torchvision's own module, which a module-based filter for `pipeline` would miss)."""
     from torchvision.io import decode_jpeg as deprecated_decode_jpeg
 
-    monkeypatch.setattr(loader_module, "jpeg_decoder", lambda raw, device: deprecated_decode_jpeg(raw, device=device))
+    monkeypatch.setitem(loader_module.JPEG_DECODERS, "torchcodec",
+                        lambda raw, device: deprecated_decode_jpeg(raw, device=device))
     buf = io.BytesIO()
     Image.new("RGB", (20, 10), (1, 2, 3)).save(buf, "JPEG")
     raw = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
     _, pre, _ = build_backbone(BackboneConfig(image_size=16), load_weights=False)
     with deprecations_from_the_package() as found:
-        decode_jpegs([raw], [1], ["x.jpg"], pre, torch.device("cpu"))
+        decode_jpegs([raw], [1], ["x.jpg"], pre, torch.device("cpu"), "torchcodec")
     assert len(found) == 1 and "deprecated since torchvision 0.29" in found[0], found
     assert "torchvision/io/image.py" in found[0] and "pipeline/core/features/loader.py" in found[0]  # its module, our call
 
@@ -652,7 +814,8 @@ def test_the_deprecation_check_sees_a_library_deprecation_called_from_the_packag
 @pytest.mark.slow
 def test_the_package_raises_no_deprecation_warning(digits60, hymenoptera: Path, tmp_path: Path):
     """Importing every module of the package (in a fresh interpreter) and extracting through both decode routes, the
-    JPEG route both in the workers and in the main process (the GPU's code path), raises no deprecation warning."""
+    JPEG route with each decoder (torchvision's is deprecated, and chosen on purpose) both in the workers and in the
+    main process (the GPU's code path), raises no deprecation warning."""
     probe = (
         "import importlib, json, sys, traceback, warnings\n"
         "from pathlib import Path\n"
@@ -681,7 +844,9 @@ def test_the_package_raises_no_deprecation_warning(digits60, hymenoptera: Path, 
     with deprecations_from_the_package() as found:
         ex.extract_features(digits60["index"], tmp_path / "pil.h5", BB32, ExtractConfig(decode="pil", workers=0))
         ex.extract_features(index, tmp_path / "tc.h5", BB32, ExtractConfig(decode="torchcodec", workers=0))
-        for defer in (False, True):
-            ds = ExtractDataset(meta["source"], paths, list(range(len(paths))), pre, "torchcodec", defer_jpeg=defer)
-            DeviceInput(pre, cpu)(collate([ds[i] for i in range(len(ds))]))
+        ex.extract_features(index, tmp_path / "tv.h5", BB32, ExtractConfig(decode="torchvision", workers=0))
+        for decoder in ("torchcodec", "torchvision"):
+            for defer in (False, True):
+                ds = ExtractDataset(meta["source"], paths, list(range(len(paths))), pre, decoder, defer_jpeg=defer)
+                DeviceInput(pre, cpu, decoder)(collate([ds[i] for i in range(len(ds))]))
     assert found == []

@@ -130,3 +130,15 @@ def test_store_max_gb_is_speed_only_and_checked():
     assert build(ExtractConfig, {"store_max_gb": None}, "extract").store_max_gb is None
     with pytest.raises(ConfigError, match=r"extract.store_max_gb = 0.0 is out of range"):
         build(ExtractConfig, {"store_max_gb": 0}, "extract")
+
+
+def test_settings_with_decode_jpeg_name_the_decoder_chosen(tmp_path: Path):
+    """`decode: jpeg` keeps TorchCodec's and torchvision's rows under two settings; the listing tells them apart."""
+    from pipeline.core.features.store_space import SettingsEntry
+
+    base = {"backbone": "b", "weights": "bundled", "preprocess": '{"size": 32}', "precision": "fp32",
+            "dtype": "float32", "device_type": "cpu"}
+    described = [SettingsEntry("k", tmp_path, settings, 0, 0, 0.0).describe() for settings in (
+        {**base, "decode": "jpeg", "jpeg_decoder": "torchvision"}, {**base, "decode": "pil"})]
+    assert described == ["b weights=bundled 32 px fp32/float32 decode=jpeg (torchvision) on cpu",
+                         "b weights=bundled 32 px fp32/float32 decode=pil on cpu"]

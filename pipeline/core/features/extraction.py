@@ -6,9 +6,10 @@ pass, so any head's pooling can be chosen later without running the backbone aga
 How it runs (docs/extraction.md has the measurements):
 
 - Input: DataLoader workers hand over uint8 pixels, or JPEG bytes that nvjpeg decodes on the GPU
-  (`extract.decode`, see pipeline/core/features/loader.py); normalisation happens on the device. The network runs in
-  channels_last (1.3x faster on CPU, the layout tensor cores want on GPU), bf16 autocast with `extract.precision: bf16`.
-  On a CPU, freed memory stays in the heap during the run (`retained_heap`): 2.3x faster, no kernel page faults.
+  (`extract.decode`, see pipeline/core/features/loader.py; the JPEG decoders: pipeline/core/features/jpeg_decoders.py);
+  normalisation happens on the device. The network runs in channels_last (1.3x faster on CPU, the layout tensor
+  cores want on GPU), bf16 autocast with `extract.precision: bf16`. On a CPU, freed memory stays in the heap
+  during the run (`retained_heap`): 2.3x faster, no kernel page faults.
 - Overlap: the device-to-host copy of a batch's features is asynchronous and is waited for only after the next
   batch has been queued, so the GPU never idles while the host writes.
 - Checkpoints: rows are grouped into checkpoints of `extract.checkpoint_rows`; each finished checkpoint is written as
@@ -16,7 +17,9 @@ How it runs (docs/extraction.md has the measurements):
 - Output: the final file is assembled from the checkpoints into preallocated datasets with full-width chunks, in a
   temporary file renamed into place at the end, so `<out>` is either absent, the previous file, or complete.
   Memory stays flat in the number of images: one batch and at most two checkpoints are ever held.
-- torchrun: each rank takes a contiguous share of the checkpoints still to do; rank 0 assembles the one file.
+- torchrun: each rank takes a contiguous share of the checkpoints still to do; global rank 0 assembles the one file.
+  The ranks share work through files: on several nodes, every node must see the index, the images and `<out>`'s
+  folder at the same paths (checked before any image is read: pipeline/core/features/nodes.py).
 
 The file depends only on the index, the backbone and `extract.precision` / `dtype` / `decode`: batch size, workers,
 thread count, checkpoint size, number of processes and interruptions leave its bytes unchanged (same machine, no
@@ -41,7 +44,9 @@ from tqdm import tqdm
 
 from pipeline.core.data.index import IMAGE_SIZES_KEY, ImageLimits, image_limits, read_index
 from pipeline.core.data.preprocess import Preprocess
-from pipeline.core.features.loader import JPEG_ROUTES, DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.features.jpeg_decoders import JPEG_ROUTES, choose_jpeg_decoder, decoder_version
+from pipeline.core.features.loader import DeviceInput, ExtractDataset, make_loader, pad_rows
+from pipeline.core.features.nodes import check_nodes_share_files, check_same_choice
 from pipeline.core.features.resume import (
     CheckpointWriter,
     assemble,
@@ -77,18 +82,17 @@ class ExtractError(PipelineError, ValueError):
     """The index or a partial extraction cannot be used as it is; the message says what to do."""
 
 
-def library_versions(decode: str = "pil") -> dict[str, str]:
-    """The versions recorded in the file; TorchCodec's only when it decoded (the `pil` file's bytes stay as they were)."""
+def library_versions(jpeg_decoder: str | None = None) -> dict[str, str]:
+    """The versions recorded in the file; TorchCodec's only when it decoded (the `pil` file's bytes stay as they were;
+    torchvision's, whose decoder the JPEG route may use, is always there)."""
     import PIL
     import timm
     import torchvision
 
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                 "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-    if decode in JPEG_ROUTES:
-        import torchcodec
-
-        versions["torchcodec"] = torchcodec.__version__
+    if jpeg_decoder == "torchcodec":
+        versions["torchcodec"] = decoder_version("torchcodec")
     return versions
 
 
@@ -202,15 +206,16 @@ class _Images:
 
 def _run_backbone(net: FeatureNet, pre: Preprocess, images: _Images, ids: list[int],
                   writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device, reuse: _Reuse | None,
-                  shards: ShardWriter | None) -> int:
-    """Runs the rows `ids` (in index order) through the backbone into the checkpoint writer (and the store)."""
+                  shards: ShardWriter | None, jpeg_decoder: str | None) -> int:
+    """Runs the rows `ids` (in index order) through the backbone into the checkpoint writer (and the store);
+    `jpeg_decoder`: the JPEG route's decoder (:func:`choose_jpeg_decoder`), None for `decode: pil`."""
     if not ids:
         return 0
     rows = images.rows
     dataset = ExtractDataset(images.root, [rows[i]["path"] for i in ids], ids, pre, cfg.decode,
-                             defer_jpeg=device.type == "cuda", limits=images.limits)
+                             defer_jpeg=device.type == "cuda", limits=images.limits, jpeg_decoder=jpeg_decoder)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, device)
-    to_input = DeviceInput(pre, device)
+    to_input = DeviceInput(pre, device, jpeg_decoder)
     pending: _InFlight | None = None
     with torch.inference_mode(), tqdm(total=len(ids), desc="extract", unit="img", disable=progress_disabled()) as bar:
         for batch in loader:
@@ -233,19 +238,20 @@ def storable(digest: str) -> bool:
 
 def _run_rows(net: FeatureNet, pre: Preprocess, images: _Images, todo: Sequence[tuple[int, int]],
               writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device,
-              store: FeatureStore | None = None) -> tuple[int, int]:
+              store: FeatureStore | None = None, jpeg_decoder: str | None = None) -> tuple[int, int]:
     """Extracts the rows of the checkpoints `todo`, taking what the store holds from it; returns (rows run through
     the backbone, rows reused from the store)."""
     if store is None:
-        ran = _run_backbone(net, pre, images, [i for s in todo for i in range(*s)], writer, cfg, device, None, None)
+        ran = _run_backbone(net, pre, images, [i for s in todo for i in range(*s)], writer, cfg, device, None, None,
+                            jpeg_decoder)
         writer.check_complete()
         return ran, 0
     reuse = _Reuse(store, images.rows, todo, writer)
     shards = ShardWriter(store, cfg.checkpoint_rows, cfg.dtype)
-    ran = _run_backbone(net, pre, images, reuse.compute, writer, cfg, device, reuse, shards)
+    ran = _run_backbone(net, pre, images, reuse.compute, writer, cfg, device, reuse, shards, jpeg_decoder)
     reuse.fill_up_to(len(images.rows))  # the spans after the last new row
     if reuse.damaged:  # rows whose stored copy failed its digest: computed again, never trusted
-        ran += _run_backbone(net, pre, images, reuse.damaged, writer, cfg, device, None, shards)
+        ran += _run_backbone(net, pre, images, reuse.damaged, writer, cfg, device, None, shards, jpeg_decoder)
     shards.flush()
     writer.check_complete()
     return ran, reuse.reused
@@ -282,15 +288,22 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
 
 
 def _file_attrs(net: FeatureNet, pre: Preprocess, weights_sha: str, backbone: BackboneConfig, cfg: ExtractConfig,
-                index_dir: Path, classes: list[str]) -> dict:
+                index_dir: Path, classes: list[str], jpeg_decoder: str | None = None) -> dict:
     """The features file's attributes: its fingerprint (what the stale-features check compares) and what readers
-    need (feature sets, widths, layout, the architecture's own preprocessing config)."""
+    need (feature sets, widths, layout, the architecture's own preprocessing config).
+
+    With `decode: jpeg`, `jpeg_decoder` records which decoder made the pixels (TorchCodec or torchvision: nvJPEG
+    through either is not known to give the same bytes), and so keys checkpoints and store rows apart; `torchcodec`
+    and `torchvision` name it in `decode` already, and their files keep the attributes they had.
+    """
+    chosen = {"jpeg_decoder": jpeg_decoder} if cfg.decode == "jpeg" else {}
     return {
+        **chosen,
         "backbone": backbone.name, "weights": backbone.weights, "weights_sha256": weights_sha,
         "preprocess": json.dumps(pre.to_dict(), sort_keys=True), "precision": cfg.precision,
         "dtype": cfg.dtype, "decode": cfg.decode, "index_sha256": sha256_file(index_dir / "index.csv"),
         "classes": json.dumps(classes), "num_features": net.num_features,
-        "versions": json.dumps(library_versions(cfg.decode), sort_keys=True), "pooling_order": "avg,max",
+        "versions": json.dumps(library_versions(jpeg_decoder), sort_keys=True), "pooling_order": "avg,max",
         # what the heads' `pooling: auto` and the readers need: datasets, their widths, the map's layout
         "feature_sets": ",".join(FEATURE_SETS), "pre_logits_features": net.widths["pre_logits"],
         "feature_layout": net.layout, "num_prefix_tokens": net.prefix_tokens,
@@ -310,9 +323,11 @@ class _Plan:
     resumed: int
 
 
-def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths: dict[str, int], barrier) -> _Plan:
-    """Prepares the resume folder (rank 0), lists finished checkpoints, shares the rest out between ranks, and
-    checks the disk before any image is read."""
+def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths: dict[str, int], source: Path,
+          barrier) -> _Plan:
+    """Prepares the resume folder (rank 0), checks that every rank shares it, the index and the images (several
+    nodes), lists finished checkpoints, shares the rest out between ranks, and checks the disk before any image is
+    read."""
     info = dist_info()
     spans = checkpoint_spans(n_rows, cfg.checkpoint_rows)
     partial = partial_dir(out)
@@ -322,6 +337,7 @@ def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths:
         for stale in out.parent.glob(f".{out.name}.*.tmp"):  # from a run killed while writing the file
             stale.unlink(missing_ok=True)
     barrier()
+    check_nodes_share_files(partial, fingerprint["index_sha256"], source)
     done = completed_spans(partial, spans)
     todo = [s for s in spans if s not in done]
     mine = share(todo, info.rank, info.world_size)
@@ -348,19 +364,22 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
     device = resolve_device(cfg.device)
     images = _Images(Path(meta["source"]), rows, image_limits(meta))
     with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
+        jpeg_decoder = None
+        if cfg.decode in JPEG_ROUTES:  # every rank probes its own device; all must decode alike
+            jpeg_decoder = check_same_choice("JPEG decoder", choose_jpeg_decoder(cfg.decode, device))
         net, pre, weights_sha = build_backbone(backbone)
         net = net.to(device, memory_format=torch.channels_last).eval()
         for p in net.parameters():
             p.requires_grad_(False)
-        attrs = _file_attrs(net, pre, weights_sha, backbone, cfg, index_dir, meta["classes"])
+        attrs = _file_attrs(net, pre, weights_sha, backbone, cfg, index_dir, meta["classes"], jpeg_decoder)
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}
         t0 = time.perf_counter()
-        plan = _plan(out, len(rows), fingerprint, cfg, net.widths, barrier)
+        plan = _plan(out, len(rows), fingerprint, cfg, net.widths, images.root, barrier)
         writer = CheckpointWriter(plan.partial, plan.spans, net.widths, cfg.dtype)
         store = _open_store(cfg, index_dir, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
-            extracted, reused = _run_rows(net, pre, images, plan.mine, writer, cfg, device, store)
+            extracted, reused = _run_rows(net, pre, images, plan.mine, writer, cfg, device, store, jpeg_decoder)
         if store is not None:
             log.info("extract: %d rows reused from the feature store %s, %d run through the backbone%s", reused,
                      store.folder, extracted, f" (rank {info.rank})" if info.world_size > 1 else "")

@@ -1,20 +1,21 @@
 """The extraction input path: image files to normalised, channels_last batches on the extraction device.
 
-Two decoders, chosen by `extract.decode` (it changes the pixels, so it is an output-changing param):
+Two routes, chosen by `extract.decode` (it changes the pixels, so it is an output-changing param):
 
 - `pil` (default): `load_rgb` + PIL resize and centre crop in the DataLoader workers, exactly the pixels of
   :func:`pipeline.core.data.images.eval_transform`. Any format PIL reads.
-- `torchcodec`: JPEGs are decoded by `torchcodec.decoders.decode_jpeg` (libjpeg-turbo in the workers on CPU, nvjpeg
-  on the GPU in batched calls) and resized on the device; other formats, and JPEGs neither decoder takes
-  (CMYK), fall back to the `pil` path. On a GPU the workers only read bytes, so the CPU is no longer the bottleneck.
-  `torchvision` is a deprecated alias of `torchcodec` (logged once): the route used `torchvision.io.decode_jpeg`,
-  which torchvision 0.29 deprecated in favour of TorchCodec. The decoded pixels are the same bytes (all 397
-  hymenoptera JPEGs, full size, CPU), so features cached under the old name stay valid.
+- the JPEG route (`jpeg`, `torchcodec`, `torchvision`): JPEGs are decoded by a JPEG decoder (libjpeg-turbo in the
+  workers on CPU, nvJPEG on the GPU in batched calls) and resized on the device; other formats, and JPEGs the header
+  check sends away (CMYK, over the image limits), take the `pil` path, and so does any single image the decoder
+  refuses. On a GPU the workers only read bytes, so the CPU is no longer the bottleneck. `jpeg` decodes with
+  TorchCodec where it works, else with torchvision's `decode_jpeg` (any torch >= 2.4); `torchcodec` and `torchvision`
+  force one (pipeline/core/features/jpeg_decoders.py). Before, `torchvision` was a deprecated alias of
+  `torchcodec`; on a CPU the two decoders give the same bytes, so features cached under that name keep their values.
 
 TorchCodec always applies a JPEG's EXIF orientation itself (there is no switch; its CPU decoder reads the first APP1
-segment, its CUDA decoder the first Exif one). The workers therefore remove the APP1 segments before the bytes reach
-it (:func:`strip_app1`) and the orientation that PIL reads, the one the `pil` path applies, is applied by hand:
-one parser decides, the same on CPU and GPU.
+segment, its CUDA decoder the first Exif one; torchvision's does not by default). The workers therefore remove the
+APP1 segments before the bytes reach the decoder (:func:`strip_app1`) and the orientation that PIL reads, the one the
+`pil` path applies, is applied by hand: one parser decides, the same on CPU and GPU, whichever decoder.
 
 Either way the workers hand over uint8 pixels (or compressed bytes), never float tensors: a quarter of the bytes
 through shared memory and over PCIe. Conversion to float and normalisation happen on the device with the same
@@ -22,7 +23,6 @@ operations, in the same order, as `ToTensor` + `Normalize`, so the `pil` path is
 """
 from __future__ import annotations
 
-import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -39,12 +39,11 @@ from torchvision.transforms.v2 import functional as F2
 
 from pipeline.core.data.images import ImageLimits, aspect_problem, geometry, load_rgb
 from pipeline.core.data.preprocess import Preprocess
+from pipeline.core.features.jpeg_decoders import JPEG_DECODERS, JPEG_ROUTES
 
 log = logging.getLogger(__name__)
 
-Decode = Literal["pil", "torchcodec", "torchvision"]
-# Values of `extract.decode` that take the JPEG route; `torchvision` is the deprecated name of `torchcodec`.
-JPEG_ROUTES = ("torchcodec", "torchvision")
+Decode = Literal["pil", "jpeg", "torchcodec", "torchvision"]
 
 # oneDNN picks another GEMM blocking for the 1x1 convolutions when a forward call has very few rows (below 16 on
 # one thread, below 8 on two: measured for Lite0 on this machine), which changes the last bits of the features.
@@ -176,42 +175,32 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def _tensor_resize_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """Resize and centre crop of uint8 (..., 3, H, W) tensors on their own device (antialiased); crop_mode `center`
-    or `squash` (`border` weights are refused at the start of a `torchcodec` extraction)."""
+    or `squash` (`border` weights are refused at the start of a JPEG-route extraction)."""
     size = [pre.resize, pre.resize] if pre.crop_mode == "squash" else [pre.resize]
     images = F2.resize(images, size, interpolation=T.InterpolationMode(pre.interpolation), antialias=True)
     return F2.center_crop(images, [pre.size, pre.size])
 
 
-def _torchcodec_jpeg(raw: torch.Tensor | list[torch.Tensor], device: torch.device):
-    # Imported here: only the `torchcodec` route needs it, so `decode: pil` works where torchcodec is not installed.
-    from torchcodec.decoders import decode_jpeg
-
-    return decode_jpeg(raw, mode="RGB", device=device)
-
-
-# The JPEG decoder of the `torchcodec` route: one tensor of bytes -> one (3, H, W) uint8 tensor on `device`, a list
-# -> a list, RuntimeError when it refuses. A module attribute so that bench/extract.py can time another decoder
-# through the very same route.
-jpeg_decoder = _torchcodec_jpeg
-
-
 def decode_jpegs(raw: Sequence[torch.Tensor], orientation: Sequence[int], paths: Sequence[str], pre: Preprocess,
-                 device: torch.device) -> list[torch.Tensor]:
+                 device: torch.device, decoder: str) -> list[torch.Tensor]:
     """Decodes JPEG bytes on `device` (nvjpeg on CUDA) into uint8 (3, S, S) pixels, upright, resized and cropped.
+
+    `decoder`: a name of JPEG_DECODERS (`torchcodec`, `torchvision`), as :func:`choose_jpeg_decoder` chose it.
 
     `raw` must come without APP1 segments (:func:`strip_app1`), `orientation` is the EXIF orientation PIL read from
     the file (:func:`jpeg_orientation`), applied here. Images of the same size and orientation (most of a camera's
     photos, all of a resized data set) are resized in one call: per-image calls would cost more in Python and kernel
-    launches than the GPU spends resizing. A list nvjpeg refuses is retried image by image; an image no decode_jpeg
-    call takes goes through PIL, with a warning naming it, so one odd file never stops an extraction.
+    launches than the GPU spends resizing. A list the decoder refuses is retried image by image; an image it refuses
+    alone goes through PIL, with a warning naming it, so one odd file never stops an extraction.
     """
     out: list[torch.Tensor | None] = [None] * len(raw)
+    decode = JPEG_DECODERS[decoder]
     for g in range(0, len(raw), DECODE_GROUP):
         group = list(raw[g:g + DECODE_GROUP])
         try:
-            images = jpeg_decoder(group, device)
-        except RuntimeError:
-            images = [_decode_one(r, p, device) for r, p in zip(group, paths[g:g + DECODE_GROUP])]
+            images = decode(group, device)
+        except (RuntimeError, ValueError):  # what both decoders raise for a file they cannot decode
+            images = [_decode_one(decode, r, p, device) for r, p in zip(group, paths[g:g + DECODE_GROUP])]
         buckets: dict[tuple[int, int, int], list[int]] = {}
         for k, image in enumerate(images):
             if image is None:
@@ -225,11 +214,12 @@ def decode_jpegs(raw: Sequence[torch.Tensor], orientation: Sequence[int], paths:
     return out  # type: ignore[return-value]  # every slot is filled above
 
 
-def _decode_one(raw: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
+def _decode_one(decode, raw: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
     try:
-        return jpeg_decoder(raw, device)
-    except RuntimeError as exc:
-        log.warning("decode_jpeg on %s refused %s (%s); decoding it with PIL instead", device, path, exc)
+        return decode(raw, device)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("the JPEG decoder on %s refused %s (%s); decoding it with PIL instead", device, path, first)
         return None
 
 
@@ -241,15 +231,18 @@ class ExtractDataset(Dataset):
     """
 
     def __init__(self, root: Path | str, paths: Sequence[str], ids: Sequence[int], pre: Preprocess,
-                 decode: Decode = "pil", defer_jpeg: bool = False, limits: ImageLimits = ImageLimits()):
+                 decode: Decode = "pil", defer_jpeg: bool = False, limits: ImageLimits = ImageLimits(),
+                 jpeg_decoder: str | None = None):
         self.root = Path(root)
         self.paths = np.array(list(paths), dtype=np.str_)
         self.ids = np.asarray(ids, dtype=np.int64)
         self.pre = pre
         self.decode = decode
         self.jpeg_route = decode in JPEG_ROUTES
-        if decode == "torchvision":
-            _log_deprecated_alias()
+        # `jpeg` leaves the choice to the caller (:func:`choose_jpeg_decoder`, once per extraction); the others name it
+        self.jpeg_decoder = jpeg_decoder or (decode if decode in JPEG_DECODERS else None)
+        if self.jpeg_route and self.jpeg_decoder is None:
+            raise ValueError("extract.decode: jpeg: pass the decoder choose_jpeg_decoder chose (jpeg_decoder=...)")
         if self.jpeg_route and pre.crop_mode == "border":
             raise ValueError(f"extract.decode: {decode} resizes on the device with crop_mode center or squash only; "
                              "these weights use crop_mode 'border': set extract.decode: pil")
@@ -271,16 +264,10 @@ class ExtractDataset(Dataset):
                 raw = torch.frombuffer(stripped, dtype=torch.uint8)
                 if self.defer_jpeg:
                     return row_id, _JPEG, raw, orientation, path
-                pixels = decode_jpegs([raw], [orientation], [path], self.pre, torch.device("cpu"))[0]
+                pixels = decode_jpegs([raw], [orientation], [path], self.pre, torch.device("cpu"),
+                                      self.jpeg_decoder)[0]
                 return row_id, _PIXELS, pixels, 1, path
         return row_id, _PIXELS, pil_pixels(path, self.pre, self.limits), 1, path
-
-
-@functools.cache
-def _log_deprecated_alias() -> None:
-    log.warning("extract.decode: 'torchvision' is a deprecated alias of 'torchcodec' (torchvision 0.29 deprecated its "
-                "image decoding; this route now decodes with TorchCodec, to the same pixels). Set "
-                "`extract.decode: torchcodec`; the features file records the value as written.")
 
 
 def collate(items: list[tuple[int, int, torch.Tensor, int, str]]) -> Batch:
@@ -309,9 +296,10 @@ def make_loader(dataset: ExtractDataset, batch_size: int, workers: int, device: 
 class DeviceInput:
     """Turns a :class:`Batch` into the network's input on `device`: (B, 3, S, S) float, normalised, channels_last."""
 
-    def __init__(self, pre: Preprocess, device: torch.device):
+    def __init__(self, pre: Preprocess, device: torch.device, jpeg_decoder: str | None = None):
         self.pre = pre
         self.device = device
+        self.jpeg_decoder = jpeg_decoder  # decodes the JPEG bytes of deferred batches (the GPU's path)
         # Same dtype and (1, 3, 1, 1) broadcasting as torchvision's Normalize: identical bits on the CPU.
         self.mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -321,10 +309,12 @@ class DeviceInput:
         pixels = batch.pixels.to(self.device, non_blocking=True)
         if not len(batch.jpeg_pos):
             return pixels  # the collate kept batch order: nothing to scatter
+        if self.jpeg_decoder is None:
+            raise ValueError("a batch with JPEG bytes (defer_jpeg) needs DeviceInput(..., jpeg_decoder=...)")
         offsets = batch.jpeg_offsets.tolist()
         raw = [batch.jpeg_bytes[offsets[j]:offsets[j + 1]] for j in range(len(batch.jpeg_pos))]
         decoded = torch.stack(decode_jpegs(raw, batch.jpeg_orientation.tolist(), batch.jpeg_paths, self.pre,
-                                           self.device))
+                                           self.device, self.jpeg_decoder))
         if not len(batch.pixel_pos):
             return decoded
         out = torch.empty((len(batch), 3, self.pre.size, self.pre.size), dtype=torch.uint8, device=self.device)

@@ -40,7 +40,7 @@ def expected_fingerprint(backbone, extract, index_dir: Path | str | None = None,
     expected: dict[str, Any] = {"backbone": backbone.name, "weights": backbone.weights,
                                 "precision": extract.precision, "dtype": extract.dtype,
                                 "feature_sets": ",".join(FEATURE_SETS)}
-    if getattr(extract, "decode", None) is not None:  # decode path: PIL or torchvision JPEG, not bitwise the same
+    if getattr(extract, "decode", None) is not None:  # decode path: PIL or a JPEG decoder, not bitwise the same
         expected["decode"] = extract.decode
     expected["preprocess"] = resolve_preprocess(backbone, data_cfg).to_dict()
     if index_dir is not None and (Path(index_dir) / "index.csv").is_file():

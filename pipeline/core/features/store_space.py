@@ -53,8 +53,9 @@ class SettingsEntry:
             size = f"{json.loads(s.get('preprocess', '{}')).get('size', '?')} px"
         except (TypeError, ValueError):
             pass
+        decode = s.get("decode", "?") + (f" ({s['jpeg_decoder']})" if s.get("jpeg_decoder") else "")  # jpeg's choice
         return (f"{s.get('backbone', '?')} weights={s.get('weights', '?')} {size} {s.get('precision', '?')}/"
-                f"{s.get('dtype', '?')} decode={s.get('decode', '?')} on {s.get('device_type', '?')}")
+                f"{s.get('dtype', '?')} decode={decode} on {s.get('device_type', '?')}")
 
 
 def _settings(folder: Path) -> tuple[dict, float | None]:
