@@ -126,8 +126,11 @@ def test_k_is_chosen_on_val_ties_to_the_smaller_k():
     sep_y = np.repeat(np.arange(4), 10)
     _, info = fit_knn(sep_x, sep_y, sep_x, sep_y, KnnConfig(k=[9, 3, 5], device="cpu"), 4)
     assert [r["val_accuracy"] for r in info["search"]] == [1.0, 1.0, 1.0] and info["k"] == 3
-    with pytest.raises(PipelineError, match=r"heads.knn.k = 41 is more than the 40 train rows"):
-        fit_knn(sep_x, sep_y, sep_x, sep_y, KnnConfig(k=[41], device="cpu"), 4)
+    # k above the 40 train rows: every row votes (k = 40), once however many such k are listed
+    _, info = fit_knn(sep_x, sep_y, sep_x, sep_y, KnnConfig(k=[3, 41, 200], device="cpu"), 4)
+    assert [r["k"] for r in info["search"]] == [3, 40]
+    with pytest.raises(PipelineError, match="no rows to vote"):
+        fit_knn(sep_x[:0], sep_y[:0], sep_x, sep_y, KnnConfig(device="cpu"), 4)
 
 
 def test_config_rejects_bad_k_and_t():

@@ -149,12 +149,17 @@ def fit_knn(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: 
             num_classes: int) -> tuple[KnnHead, dict]:
     """"Fits" the kNN (normalises and keeps the train rows) and picks k on val: best accuracy, ties to the smaller k.
 
-    The val neighbours are found once, for the largest k; each smaller k reads the first k of them.
+    The val neighbours are found once, for the largest k; each smaller k reads the first k of them. A k above the
+    number of train rows is that number (logged; `k` in the result is the one used).
     """
     n, d = x_train.shape
-    ks = sorted(set(cfg.k))
-    if ks[-1] > n:
-        raise PipelineError(f"heads.knn.k = {ks[-1]} is more than the {n} train rows; list k values of at most {n}")
+    if n == 0:
+        raise PipelineError("heads@knn: the train split has no rows to vote")
+    # a k above the train rows means every row votes: k = n (a small data set with DINOv2's [10, 20, 100, 200])
+    ks = sorted({min(k, n) for k in cfg.k})
+    if max(cfg.k) > n:
+        log.warning("knn: heads.knn.k %s above the %d train rows: k = %d is used in their place",
+                    [k for k in cfg.k if k > n], n, n)
     device = resolve_device(cfg.device)
     train = normalise(torch.from_numpy(np.asarray(x_train)).to(device))
     labels = torch.from_numpy(np.asarray(y_train)).long().to(device)
