@@ -30,6 +30,11 @@ def _ranking_entry(head: str, val: dict) -> dict:
             "val_loss": val["loss"], "warm_startable": head in WARM_STARTABLE}
 
 
+def _pct(interval: list[float]) -> str:
+    """[lo, hi] in percent, as the report and the summary print intervals (so the three never differ in a digit)."""
+    return f"[{100 * interval[0]:.2f} %, {100 * interval[1]:.2f} %]"
+
+
 def _interval_tie(best: str, runner_up: str | None, metrics: dict[str, dict]) -> tuple[bool | None, str]:
     """(tie within the interval or not, the sentence saying so); (None, "") when it cannot be said."""
     if runner_up is None:
@@ -39,10 +44,9 @@ def _interval_tie(best: str, runner_up: str | None, metrics: dict[str, dict]) ->
     if tie is None:
         return None, ""
     if tie:
-        return True, (f"tie within the interval: {best}'s val accuracy 95 % interval [{a[0]:.4f}, {a[1]:.4f}] "
-                      f"overlaps {runner_up}'s [{b[0]:.4f}, {b[1]:.4f}]; val cannot tell them apart with confidence")
-    return False, (f"{best}'s val accuracy 95 % interval [{a[0]:.4f}, {a[1]:.4f}] lies above {runner_up}'s "
-                   f"[{b[0]:.4f}, {b[1]:.4f}]")
+        return True, (f"tie within the interval: {best}'s val accuracy 95 % interval {_pct(a)} overlaps "
+                      f"{runner_up}'s {_pct(b)}; val cannot tell them apart with confidence")
+    return False, f"{best}'s val accuracy 95 % interval {_pct(a)} lies above {runner_up}'s {_pct(b)}"
 
 
 def _warm_start(best: str, ranked: list[str], metrics: dict[str, dict]) -> tuple[str | None, str]:
