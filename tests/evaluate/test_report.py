@@ -104,3 +104,21 @@ def test_report_shows_intervals_and_the_warm_start_when_knn_is_selected(tmp_path
     assert "| head `knn` | 90.00 % [59.59, 98.21] | 90.00 % [59.59, 98.21] |" in text
     assert "Tie within the interval: knn's val accuracy 95 % interval [59.59 %, 98.21 %] overlaps logreg's" in text
     assert "The fine-tune warm-starts from **logreg** (knn has no weights to warm-start from" in text
+
+
+def test_evaluate_scores_a_selected_knn_head(tiny_cache, tmp_path):
+    """kNN selected: evaluate loads it like any head and scores val and test; its val numbers are the fit's."""
+    from pipeline.core.evaluate.evaluation import evaluate
+    from pipeline.core.heads.fitting import fit_head, save_head
+    from pipeline.core.heads.selection import select_head
+    from pipeline.infra.artifacts import write_json
+    from pipeline.infra.config import load_section
+
+    module, spec, metrics = fit_head("knn", tiny_cache["features"], load_section("heads", tiny_cache["params"]).knn)
+    save_head(tmp_path / "heads" / "knn", module, spec)
+    write_json(tmp_path / "selected.json", select_head({"knn": metrics}))
+    result = evaluate(tiny_cache["index"], tiny_cache["features"], tmp_path / "heads", tmp_path / "selected.json",
+                      None, tmp_path / "plots", tmp_path / "report")
+    assert result["best_head"]["name"] == "knn" and result["best_head"]["val"] == metrics["val"]
+    assert "accuracy_ci95" in result["best_head"]["test"]
+    assert "| `knn` |" in (tmp_path / "report" / "report.md").read_text()

@@ -2,6 +2,8 @@
 search equal to one block, k chosen on val, and the saved head reloaded for scoring."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,29 @@ def test_fit_save_load_round_trip(tiny_cache, tmp_path):
     probs, _ = _probs(train.avg, train.labels, val.avg, 20, cfg.T, 3)
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), probs, atol=1e-5)
     assert metrics["val"]["accuracy"] >= 0.5  # 3 classes: chance is 1/3
+
+
+def test_predict_with_a_selected_knn_head_reproduces_its_cached_predictions(tiny_cache, tmp_path):
+    """`predict --model head` with kNN selected: backbone + pooling + the reloaded kNN on the image files gives the
+    classes the head gives on the cached features, and the probabilities are its normalised vote."""
+    from pipeline.core.data.index import read_index
+    from pipeline.core.evaluate.prediction import load_model, predict
+    from pipeline.core.features.cache import read_split
+    from pipeline.core.heads.fitting import fit_head, head_logits, save_head
+    from pipeline.core.heads.selection import select_head
+    from pipeline.infra.artifacts import write_json
+    from pipeline.infra.config import load_section
+
+    module, spec, metrics = fit_head("knn", tiny_cache["features"], load_section("heads", tiny_cache["params"]).knn)
+    save_head(tmp_path / "heads" / "knn", module, spec)
+    write_json(tmp_path / "selected.json", select_head({"knn": metrics}))
+    net, pre, classes, what = load_model("head", tmp_path)
+    assert what.startswith("head 'knn'")
+    rows, meta = read_index(tiny_cache["index"])
+    files = [Path(meta["source"]) / r["path"] for r in rows if r["split"] == "val"]
+    got = predict(net, pre, classes, files, top_k=3, device="cpu")
+    cached = head_logits(module, spec, read_split(tiny_cache["features"], "val"))
+    assert [g["predicted"] for g in got] == [classes[i] for i in cached.argmax(1)]
+    expected = torch.softmax(torch.from_numpy(cached), 1).max(1).values.numpy()
+    # printed to 4 decimals, from features the image route computes again (equal to the cache's to float rounding)
+    np.testing.assert_allclose([float(g["probability"]) for g in got], expected, atol=2e-3)
