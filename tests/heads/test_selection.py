@@ -71,3 +71,32 @@ def test_select_stage_writes_the_choice_and_logs_the_tie(tmp_path, caplog):
     assert choice["head"] == "knn" and choice["warm_start_head"] == "mlp" and choice["tie_within_interval"] is True
     assert "select: tie within the interval: knn's" in caplog.text
     assert "select: the fine-tune warm-starts from knn has no weights" in caplog.text
+
+
+@pytest.mark.slow
+def test_fine_tune_warm_starts_from_the_best_head_with_weights_when_knn_is_selected(tiny_cache, tmp_path):
+    """selected.json names knn (forced here: the best val accuracy) and logreg as warm_start_head: the fine-tune loads
+    logreg, reproduces its val accuracy at epoch 0, records it as its warm start, and writes accuracy intervals."""
+    from conftest import finetune_run
+
+    from pipeline.core.heads.fitting import fit_head, save_head
+    from pipeline.infra.artifacts import read_json, write_json
+    from pipeline.infra.config import load_section
+
+    heads = load_section("heads", tiny_cache["params"])
+    metrics = {}
+    for name in ("logreg", "knn"):
+        module, spec, metrics[name] = fit_head(name, tiny_cache["features"], getattr(heads, name))
+        save_head(tmp_path / "heads" / name, module, spec)
+    metrics["knn"]["val"]["accuracy"] = 1.0  # whatever the fits gave, knn ranks first
+    choice = select_head(metrics)
+    assert choice["head"] == "knn" and choice["warm_start_head"] == "logreg"
+    write_json(tmp_path / "selected.json", choice)
+    result = finetune_run(tiny_cache["params"], tiny_cache["index"], tiny_cache["features"], tmp_path / "heads",
+                          tmp_path / "selected.json", tmp_path / "model", tmp_path / "finetune.json")
+    assert read_json(tmp_path / "model" / "model.json")["warm_start"] == "logreg"
+    assert result["start_val"]["accuracy"] == pytest.approx(metrics["logreg"]["val"]["accuracy"])
+    n_val = sum(metrics["logreg"]["val"]["per_class"]["support"])
+    for split in ("val", "start_val"):
+        accuracy = result[split]["accuracy"]
+        assert result[split]["accuracy_ci95"] == wilson_interval(round(accuracy * n_val), n_val)
