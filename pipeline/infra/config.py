@@ -336,7 +336,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """The backbone sweep (opt-in): extract and both heads for each backbone listed (a DVC `matrix`), then one
+    """The backbone sweep (opt-in): extract and every head for each backbone listed (a DVC `matrix`), then one
     comparison with the main backbone, whose row comes from the main pipeline (no second extraction).
 
     `backbones`: timm or torchvision names other than `backbone.name` (no `hf-hub:` or `local-dir:`: they become

@@ -147,7 +147,7 @@ class KnnHead(nn.Module):
 
 def fit_knn(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: KnnConfig,
             num_classes: int) -> tuple[KnnHead, dict]:
-    """"Fits" the kNN (normalises and keeps the train rows) and picks k on val: best accuracy, ties to the smaller k.
+    """Fits the kNN (normalises and keeps the train rows) and picks k on val: best accuracy, ties to the smaller k.
 
     The val neighbours are found once, for the largest k; each smaller k reads the first k of them. A k above the
     number of train rows is that number (logged; `k` in the result is the one used).
