@@ -4,7 +4,9 @@ Why: when DVC cannot store an output (disk full, a read-only or vanished cache f
 and still exits 0, and `dvc status` then reports nothing, since the workspace matches `dvc.lock`. The results look
 saved, but `dvc push`, `dvc checkout` and `dvc exp` will not find them later. This reads DVC's own cache layout
 (DVC 3: `<cache>/files/md5/<2 hex>/<30 hex>`, a directory as a `.dir` manifest plus one object per file), so it can
-say which output is missing and what to do. Outputs declared with `cache: false` in `dvc.yaml` are not expected there.
+say which output is missing and what to do. Outputs declared with `cache: false` in `dvc.yaml` are not expected there,
+and neither are those of stages no longer in the pipeline: DVC keeps a removed stage's `dvc.lock` entry (a backbone
+dropped from `sweep.backbones`, a head dropped from a `foreach`) until the file is rewritten without it.
 """
 from __future__ import annotations
 
@@ -63,13 +65,29 @@ def _missing(cache: Path, md5: str) -> str | None:
     return None
 
 
+def pipeline_stages(root: Path) -> set[str] | None:
+    """The names of the stages dvc.yaml defines now, `foreach` and `matrix` items expanded from params (DVC's own
+    reading, `heads@logreg`, `sweep_extract@tf_efficientnet_lite1`); None where DVC cannot read the pipeline."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            return {stage.name for stage in repo.index.stages}
+    except Exception:  # a broken dvc.yaml is reported by DVC itself; check every lock entry then
+        return None
+
+
 def uncached_outputs(root: Path = Path(".")) -> list[tuple[str, str]]:
-    """(output path, what is missing) for every cached output of `dvc.lock` whose data is not in the cache."""
+    """(output path, what is missing) for every cached output of `dvc.lock`'s current stages whose data is not in
+    the cache."""
     lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
     skip = _uncached_patterns(root / "dvc.yaml") if (root / "dvc.yaml").is_file() else []
+    current = pipeline_stages(root)
     cache = cache_dir(root)
     found = []
-    for stage in (lock.get("stages") or {}).values():
+    for name, stage in (lock.get("stages") or {}).items():
+        if current is not None and name not in current:
+            continue  # a removed stage's leftover entry: nothing will check its outputs out again
         for out in stage.get("outs", []):
             if any(p.match(out["path"]) for p in skip):
                 continue
