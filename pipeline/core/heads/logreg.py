@@ -216,6 +216,11 @@ def fit_logreg(x_train: Inputs, y_train: np.ndarray, x_val: Inputs, y_val: np.nd
     info = {"C": best["C"], "solver": solver, "search": results}
     if not cfg.refit:
         return layers[best["C"]], info
+    # The search's solver goes before the refit's is built: on a GPU it may hold the train features resident, and
+    # the refit's free-memory test (keep train + val resident?) should not count them.
+    fitter = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     rows = {"train": len(y_train), "val": len(y_val)}
     log.info("logreg: refitting at C=%g on train + val (%d rows)", best["C"], sum(rows.values()))
     layer = _refit(x_train, y_train, x_val, y_val, cfg, num_classes, solver, best["C"])
