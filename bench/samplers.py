@@ -70,9 +70,8 @@ def hymenoptera_features(work: Path) -> Path:
     return features
 
 
-def search(features: Path, specs: list[str], sampler: str, seed: int, trials: int | None) -> list[dict]:
+def search(features: Path, base, specs: list[str], sampler: str, seed: int, trials: int | None) -> list[dict]:
     """One search's rows (val accuracy per trial, in trial order), through pipeline.search's own code."""
-    base = load_section("heads", REPO / "params.yaml").mlp
     space = parse_space(specs, base, "heads.mlp")
     total = budget(space, sampler, trials)
     with tempfile.TemporaryDirectory() as out:
@@ -99,15 +98,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "samplers_cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    base = load_section("heads", REPO / "params.yaml").mlp  # read once: params.yaml may change during the run
     results: dict = {"machine": machine(), "trials": args.trials, "seeds": args.seeds, "ranges": RANGES,
                      "grid": GRID, "data": {}}
     for name in args.data:
         features = REPO / "data" / "features.h5" if name == "digits" else hymenoptera_features(args.work)
         runs: dict = {}
         t0 = time.perf_counter()
-        runs["grid"] = [search(features, GRID, "grid", 0, None)]
+        runs["grid"] = [search(features, base, GRID, "grid", 0, None)]
         for sampler in ("random", "tpe"):
-            runs[sampler] = [search(features, RANGES, sampler, seed, args.trials) for seed in range(args.seeds)]
+            runs[sampler] = [search(features, base, RANGES, sampler, seed, args.trials) for seed in range(args.seeds)]
         results["data"][name] = {
             s: {"best": [max(r["val_accuracy"] for r in rows) for rows in rs],
                 "median_trial": [statistics.median(r["val_accuracy"] for r in rows) for rows in rs],

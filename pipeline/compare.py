@@ -2,10 +2,10 @@
 
 The main backbone's row comes from its heads' metrics (`metrics/heads/<head>.json`): comparing never extracts it
 again. The sweep is opt-in (`sweep.backbones: []` by default): each backbone listed there is extracted once by its
-own `sweep_extract@<backbone>` stage (through the feature store, so a backbone extracted before is reused) and both
-heads are fitted on its cache (`sweep_heads`, metrics in `metrics/heads/sweep/<backbone>/`); DVC reruns only the
-backbones whose inputs changed. This stage writes `metrics/sweep.json` (val accuracy and loss per head, crop size,
-feature width), `plots/sweep.csv` (for `dvc plots`) and `plots/sweep.png`. Extraction speed, which differs on every
+own `sweep_extract@<backbone>` stage (through the feature store, so a backbone extracted before is reused) and every
+head is fitted on its cache (`sweep_heads`, metrics in `metrics/heads/sweep/<backbone>/`); DVC reruns only the
+backbones whose inputs changed. This stage writes `metrics/sweep.json` (val accuracy with its 95 % interval and loss
+per head, crop size, feature width), `plots/sweep.csv` (for `dvc plots`) and `plots/sweep.png`. Extraction speed, which differs on every
 run, stays out of those tracked files: the table with a speed column, read from the extraction stages' run logs,
 goes to `runs/sweep.md` (untracked). Cost: every listed backbone extracts every image once (images x backbones).
 

@@ -1,11 +1,12 @@
 """Stage `heads@<name>`: fits one cheap head on the cached features only (never images, never the backbone).
 
 Heads: `logreg` (standardised L2 logistic regression: scikit-learn for small data, a torch L-BFGS solver for large
-data) and `mlp` (BN-Dropout-Linear-ReLU), both on the GPU when present; `pooling: auto` gives them avg and concat
-[avg, max] on CNN feature maps, the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is
-read; features over `in_memory_gb` stay in the file and are streamed. Each is stored as a torch module:
-`head.safetensors` (weights) + `head.json` (what to build, which pooling, which features it was fitted on), so later
-stages load every head the same way, without pickle.
+data), `mlp` (BN-Dropout-Linear-ReLU) and `knn` (DINOv2's weighted kNN vote on L2-normalised features, k chosen on
+val), all on the GPU when present; `pooling: auto` gives them avg (concat [avg, max] for the MLP) on CNN feature maps,
+the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is read; features over
+`in_memory_gb` stay in the file and are streamed (kNN keeps its train rows in memory). Each is stored as a torch
+module: `head.safetensors` (weights; for kNN the normalised train rows and labels) + `head.json` (what to build,
+which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
 
     python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \\
         --metrics metrics/heads/logreg.json

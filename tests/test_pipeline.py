@@ -16,12 +16,16 @@ def test_repro_then_head_change_reruns_only_heads(tmp_path: Path):
     make_dvc_repo(repo, **{**TINY, "data": {**TINY["data"], "source": "tiny"}})
 
     first = dvc(repo, "repro").stdout
-    for stage in ("prepare", "extract", "heads@logreg", "heads@mlp", "select", "finetune", "evaluate"):
+    for stage in ("prepare", "extract", "heads@logreg", "heads@mlp", "heads@knn", "select", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in first, first
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/heads/logreg.json", "metrics/heads/mlp.json", "metrics/finetune.json",
+    assert {"metrics/heads/logreg.json", "metrics/heads/mlp.json", "metrics/heads/knn.json", "metrics/finetune.json",
             "metrics/evaluate.json"} <= set(files)
+    selected = json.loads((repo / "models" / "selected.json").read_text())
+    assert selected["warm_start_head"] in ("logreg", "mlp") and selected["tie_within_interval"] in (True, False)
+    # [lo, hi] lists: in the files (`dvc metrics show` lists scalars only)
+    assert len(json.loads((repo / "metrics" / "finetune.json").read_text())["val"]["accuracy_ci95"]) == 2
     evaluate = files["metrics/evaluate.json"]["data"]
     assert {"best_head", "finetune"} <= set(evaluate)
 
@@ -29,7 +33,7 @@ def test_repro_then_head_change_reruns_only_heads(tmp_path: Path):
     assert "Stage 'extract' didn't change, skipping" in second, second
     assert "Running stage 'prepare'" not in second and "Running stage 'extract'" not in second
     assert "Running stage 'heads@mlp'" in second
-    assert "Running stage 'heads@logreg'" not in second
+    assert "Running stage 'heads@logreg'" not in second and "Running stage 'heads@knn'" not in second
 
 
 def test_hymenoptera_logreg_head(hymenoptera: Path, tmp_path: Path):
@@ -41,7 +45,8 @@ def test_hymenoptera_logreg_head(hymenoptera: Path, tmp_path: Path):
     logreg = json.loads((repo / "metrics" / "heads" / "logreg.json").read_text())
     assert logreg["val"]["accuracy"] >= 0.93, logreg
     selected = json.loads((repo / "models" / "selected.json").read_text())
-    assert selected["head"] in ("logreg", "mlp") and selected["reason"]
+    assert selected["head"] in ("logreg", "mlp", "knn") and selected["reason"]
+    assert selected["warm_start_head"] in ("logreg", "mlp")
 
 
 def test_queued_grid_extracts_once(tmp_path: Path, monkeypatch):

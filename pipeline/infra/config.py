@@ -39,6 +39,7 @@ MAX_BATCH_SIZE = 65_536      # images or feature rows per step
 MAX_EPOCHS = 100_000
 MAX_ITER = 10_000_000        # LogisticRegression solver iterations
 MAX_REFINE = 20              # logreg C refinement steps: 20 halvings of a decade reach C to 1e-6 of its log
+MAX_NEIGHBOURS = 10_000      # kNN's k: DINOv2 goes to 200; each query keeps k similarities per step
 MAX_WORKERS = 256            # DataLoader processes
 MAX_CHECKPOINT_ROWS = 10_000_000
 MAX_MEMORY_GB = 1_000_000.0  # in_memory_gb, store_max_gb: a terabyte-scale machine is far below; a typo (1e9) is refused
@@ -248,9 +249,33 @@ class MlpConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KnnConfig:
+    """k-nearest-neighbour vote on L2-normalised features (DINOv2's kNN evaluation; pipeline/core/heads/knn.py).
+
+    Each of the k most cosine-similar train rows votes for its class with weight exp(sim / T). `k` lists one or
+    more values (DINOv2 reports 10, 20, 100, 200): with several, the best on val accuracy is kept (ties: the smaller
+    k). `T` is the temperature (0.07 in DINOv2; a very large T gives every neighbour the same vote). `pooling: auto`
+    as logreg's (avg for feature maps, pre_logits for token backbones). `device` is speed only.
+    """
+
+    k: list[int] = dataclasses.field(default_factory=lambda: [20])
+    T: float = 0.07
+    pooling: Literal["auto", "avg", "catavgmax", "pre_logits"] = "auto"
+    device: str = _speed("auto")
+
+    def validate(self, prefix: str) -> None:
+        if not self.k:
+            raise ConfigError(f"{prefix}.k must list at least one value")
+        for k in self.k:
+            _check_range(f"{prefix}.k", k, 1, MAX_NEIGHBOURS)
+        _check_range(f"{prefix}.T", self.T, 0.0, low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadsConfig:
     logreg: LogregConfig = dataclasses.field(default_factory=LogregConfig)
     mlp: MlpConfig = dataclasses.field(default_factory=MlpConfig)
+    knn: KnnConfig = dataclasses.field(default_factory=KnnConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +347,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """The backbone sweep (opt-in): extract and both heads for each backbone listed (a DVC `matrix`), then one
+    """The backbone sweep (opt-in): extract and every head for each backbone listed (a DVC `matrix`), then one
     comparison with the main backbone, whose row comes from the main pipeline (no second extraction).
 
     `backbones`: timm or torchvision names other than `backbone.name` (no `hf-hub:` or `local-dir:`: they become

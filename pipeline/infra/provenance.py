@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.infra import runlog
 
 # the DVC stages whose numbers verify compares
-STAGES = ("extract", "heads@logreg", "heads@mlp", "finetune", "evaluate")
+STAGES = ("extract", "heads@logreg", "heads@mlp", "heads@knn", "finetune", "evaluate")
 LIVE = "live"  # the key of the verify process's own environment, where no stage has run here
 PACKAGES = ("torch", "numpy", "scikit-learn", "timm")
 ISA_ORDER = ("openblas", "numpy", "aten", "mkl", "onednn")  # a fixed order: the JSON file sorts its keys

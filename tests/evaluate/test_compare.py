@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, dvc, make_dvc_repo, run_cmd, write_digit_folder
 
-from pipeline.core.evaluate.comparison import best
+from pipeline.core.evaluate.comparison import HEADS, best
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,10 @@ def test_sweep_reuses_the_main_backbone_runs_per_backbone_and_reports(tmp_path: 
     sweep = json.loads((repo / "metrics" / "sweep.json").read_text())
     assert list(sweep) == LITE[:2]  # the main backbone once, first
     for name, folder in ((LITE[0], repo / "metrics" / "heads"), (LITE[1], repo / "metrics" / "heads" / "sweep" / LITE[1])):
-        for head, pooling in (("logreg", "avg 1280"), ("mlp", "catavgmax 2560")):
+        for head, pooling in (("logreg", "avg 1280"), ("mlp", "catavgmax 2560"), ("knn", "avg 1280")):
             fitted = json.loads((folder / f"{head}.json").read_text())
             assert sweep[name]["val_accuracy"][head] == fitted["val"]["accuracy"]
+            assert sweep[name]["val_accuracy_ci95"][head] == fitted["val"]["accuracy_ci95"]
             assert sweep[name]["features"][head] == pooling and fitted["features"]["backbone"] == name
         assert sweep[name]["image_size"] == 32 and "speed" not in sweep[name]  # speeds stay out of tracked files
     table = (repo / "runs" / "sweep.md").read_text()
@@ -71,7 +72,7 @@ def test_sweep_reuses_the_main_backbone_runs_per_backbone_and_reports(tmp_path: 
         swept = json.loads((repo / "metrics" / "heads" / "sweep" / LITE[0] / f"{head}.json").read_text())
         assert main == swept
     rows = list(csv.DictReader((repo / "plots" / "sweep.csv").open()))
-    assert [(r["backbone"], r["head"]) for r in rows] == [(b, h) for b in LITE[:2] for h in ("logreg", "mlp")]
+    assert [(r["backbone"], r["head"]) for r in rows] == [(b, h) for b in LITE[:2] for h in HEADS]
     assert (repo / "plots" / "sweep.png").is_file() and best(sweep)[0] in LITE[:2]
 
     run_cmd(["git", "add", "-A"], repo)

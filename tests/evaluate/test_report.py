@@ -78,3 +78,47 @@ def test_finetune_section_says_which_epoch_is_kept_and_that_it_is_an_average(tmp
     info["best_epoch"] = 2
     text = "\n".join(_finetune_section(info, {"curves": "c.png"}))
     assert "kept: epoch 2" in text and "best val accuracy" in text and "average" not in text
+
+
+def test_report_shows_intervals_and_the_warm_start_when_knn_is_selected(tmp_path):
+    """Every accuracy in the report carries its Wilson 95 % interval; with kNN selected, the report says which head
+    the fine-tune starts from, and that the heads tie within the interval."""
+    from pipeline.core.heads.intervals import wilson_interval
+    from pipeline.core.heads.selection import select_head
+
+    def val(k: int, loss: float) -> dict:
+        return {"val": {"accuracy": k / 10, "accuracy_ci95": wilson_interval(k, 10), "loss": loss}}
+
+    selected = select_head({"logreg": val(8, 0.5), "mlp": val(7, 0.6), "knn": val(9, 2.0)})
+    meta = {"classes": ["a", "b"], "source": "x", "counts": {"train": {"a": 1, "b": 1}, "val": {"a": 5, "b": 5}}}
+    attrs = {"backbone": "m", "weights": "bundled", "weights_sha256": "0" * 64, "precision": "fp32",
+             "dtype": "float32", "num_features": 8, "preprocess": json.dumps({"size": 32})}
+    head_val = {"accuracy": 0.9, "accuracy_ci95": wilson_interval(9, 10), "balanced_accuracy": 0.9,
+                "balanced_accuracy_ci95": wilson_interval(9, 10), "loss": 2.0}
+    result = {"best_head": {"name": "knn", "val": head_val}}
+    write_markdown(tmp_path / "report.md", meta=meta, attrs=attrs, selected=selected, result=result,
+                   finetune_info=None, figures={"heads": "h.png", "misclassified": "m.png"})
+    text = (tmp_path / "report.md").read_text()
+    # Wilson 8/10: [0.490162, 0.943318]; 9/10: [0.595850, 0.982124] (6 decimals), in percent 59.59
+    assert "| `logreg` | 80.00 % | [49.02, 94.33] | 0.5000 |" in text
+    assert "| head `knn` | 90.00 % [59.59, 98.21] | 90.00 % [59.59, 98.21] |" in text
+    assert "Tie within the interval: knn's val accuracy 95 % interval [59.59 %, 98.21 %] overlaps logreg's" in text
+    assert "The fine-tune warm-starts from **logreg** (knn has no weights to warm-start from" in text
+
+
+def test_evaluate_scores_a_selected_knn_head(tiny_cache, tmp_path):
+    """kNN selected: evaluate loads it like any head and scores val and test; its val numbers are the fit's."""
+    from pipeline.core.evaluate.evaluation import evaluate
+    from pipeline.core.heads.fitting import fit_head, save_head
+    from pipeline.core.heads.selection import select_head
+    from pipeline.infra.artifacts import write_json
+    from pipeline.infra.config import load_section
+
+    module, spec, metrics = fit_head("knn", tiny_cache["features"], load_section("heads", tiny_cache["params"]).knn)
+    save_head(tmp_path / "heads" / "knn", module, spec)
+    write_json(tmp_path / "selected.json", select_head({"knn": metrics}))
+    result = evaluate(tiny_cache["index"], tiny_cache["features"], tmp_path / "heads", tmp_path / "selected.json",
+                      None, tmp_path / "plots", tmp_path / "report")
+    assert result["best_head"]["name"] == "knn" and result["best_head"]["val"] == metrics["val"]
+    assert "accuracy_ci95" in result["best_head"]["test"]
+    assert "| `knn` |" in (tmp_path / "report" / "report.md").read_text()

@@ -53,3 +53,42 @@ def test_an_earlier_runs_evaluation_is_not_shown_beside_new_heads(tmp_path: Path
     rows = headline_rows(tmp_path, tmp_path / "selected.json")
     assert rows == [["head `logreg`", "94.77 %", "94.73 %", "-", "-"],
                     ["head `mlp` (selected)", "95.42 %", "95.34 %", "-", "-"]]
+
+
+def test_intervals_are_shown_when_the_files_have_them_and_knn_is_a_head(tmp_path: Path):
+    """Metrics written since the intervals: each accuracy with its Wilson 95 % interval; the kNN head has its row,
+    and the backbone table a column per head (a head the sweep did not fit: "-")."""
+    from pipeline.core.heads.intervals import wilson_interval
+
+    def split(k: int, n: int) -> dict:
+        return {"accuracy": k / n, "accuracy_ci95": wilson_interval(k, n), "balanced_accuracy": k / n,
+                "balanced_accuracy_ci95": wilson_interval(k, n), "loss": 0.1}
+
+    _write(tmp_path / "heads" / "logreg.json", {"val": split(8, 10)})
+    _write(tmp_path / "heads" / "knn.json", {"val": split(10, 10)})
+    _write(tmp_path / "sweep.json", {
+        "a": {"image_size": 96, "val_accuracy": {"logreg": 0.8, "knn": 1.0},
+              "val_accuracy_ci95": {"logreg": wilson_interval(8, 10), "knn": wilson_interval(10, 10)}},
+        "b": {"image_size": 96, "val_accuracy": {"logreg": 0.8, "mlp": 0.8}}})
+    rows = headline_rows(tmp_path)
+    # 8/10: Wilson [0.4902, 0.9433]; 10/10: [0.7225, 1]
+    assert rows == [["head `logreg`", "80.00 % [49.02, 94.33]", "80.00 % [49.02, 94.33]", "-", "-"],
+                    ["head `knn`", "100.00 % [72.25, 100.00]", "100.00 % [72.25, 100.00]", "-", "-"]]
+    table = markdown(tmp_path)
+    assert "| backbone | image size | val accuracy logreg | val accuracy mlp | val accuracy knn |" in table
+    assert "| `a` (main) | 96 px | 80.00 % [49.02, 94.33] | - | 100.00 % [72.25, 100.00] |" in table
+    assert "| `b` | 96 px | 80.00 % | 80.00 % | - |" in table  # an older sweep.json: no intervals
+
+
+def test_sweep_table_shows_each_val_accuracy_with_its_interval():
+    """compare's table (runs/sweep.md): the intervals from metrics/sweep.json beside each val accuracy (here rather
+    than in test_compare.py, whose tests all run DVC)."""
+    from pipeline.core.evaluate.comparison import sweep_table
+    from pipeline.core.heads.intervals import wilson_interval
+
+    results = {"a": {"image_size": 96, "val_accuracy": {"logreg": 0.8, "knn": 1.0},
+                     "val_accuracy_ci95": {"logreg": wilson_interval(8, 10), "knn": wilson_interval(10, 10)},
+                     "features": {"logreg": "avg 1280", "knn": "avg 1280"}}}
+    lines = sweep_table(results)
+    assert lines[0] == "| backbone | image size | val acc logreg | val acc knn | features (logreg / knn) |"
+    assert lines[2] == "| `a` (main) | 96 px | 80.00 % [49.02, 94.33] | 100.00 % [72.25, 100.00] | avg 1280 / avg 1280 |"

@@ -57,6 +57,23 @@ def test_metrics_verdicts_in_images_and_relative_losses():
     assert verdict == DIFFERENT and detail.startswith("val.accuracy 0.9721 -> 0.9666")
 
 
+
+def test_interval_bounds_are_judged_in_images_like_their_accuracy():
+    """accuracy_ci95 = [lo, hi] moves with its accuracy on another platform: its bounds are proportions of the same
+    images (within the binomial bound), not values that must be equal."""
+    from pipeline.core.evaluate.tolerance import _kind
+    from pipeline.core.heads.intervals import wilson_interval
+
+    then = {"val": {"accuracy": 350 / 360, "accuracy_ci95": wilson_interval(350, 360),
+                    "balanced_accuracy_ci95": wilson_interval(350, 360), "per_class": {"support": [36] * 10}}}
+    near = json.loads(json.dumps(then))
+    near["val"].update(accuracy=348 / 360, accuracy_ci95=wilson_interval(348, 360),
+                       balanced_accuracy_ci95=wilson_interval(348, 360))
+    assert compare_metrics(near, then, split_sizes(then), Tolerances(), strict=False)[0] == CLOSE
+    for key in ("val.accuracy_ci95[0]", "test.balanced_accuracy_ci95[1]", "ranking[0].val_accuracy_ci95[1]"):
+        assert _kind(key) == "proportion", key
+
+
 def test_binomial_bound_is_the_textbook_one():
     # z sqrt(n (p1 q1 + p2 q2)) images, and never less than one image
     assert count_bound(0.9, 0.9, 100, 1.96) == pytest.approx(1.96 * (100 * 2 * 0.09) ** 0.5)

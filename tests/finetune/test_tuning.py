@@ -52,6 +52,19 @@ def test_two_tpe_trials_are_two_experiments_with_their_params_and_metrics(tmp_pa
     assert json.loads((repo / "search" / "finetune" / "t" / "tune.json").read_text())["rows"] == rows
 
 
+def test_outside_a_committed_dvc_repository_is_one_line(tmp_path: Path):
+    proc = run_cmd([sys.executable, "-m", "pipeline.tune", "--grid", "lr=[0.001]", "--params",
+                    str(Path(__file__).parents[2] / "params.yaml")], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"tune: error: {tmp_path} is not the root of a DVC repository (no .dvc/ or dvc.yaml)" in proc.stderr
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    run_cmd(["git", "init", "-q"], tmp_path)
+    proc = run_cmd([sys.executable, "-m", "pipeline.tune", "--grid", "lr=[0.001]", "--params",
+                    str(Path(__file__).parents[2] / "params.yaml")], tmp_path, check=False)
+    assert proc.returncode == 2 and f"{tmp_path} has no git commit" in proc.stderr, proc.stderr
+
+
 def test_names_and_params_matching():
     assert experiment_name("tune", 7) == "tune-007" and check_name("lr_sweep-2") == "lr_sweep-2"
     for bad in ("2fast", "a b", "x/y", ""):

@@ -1,4 +1,5 @@
-"""The backbone comparison: val accuracy per head and backbone, crop size and feature width, extraction speed.
+"""The backbone comparison: val accuracy (and its 95 % interval) per head and backbone, crop size and feature width,
+extraction speed.
 
 The main pipeline's backbone is always the first row, read from its heads' metrics (`metrics/heads/<head>.json`):
 comparing costs no second extraction of it. Each other backbone of `sweep.backbones` (opt-in; empty by default) adds a
@@ -21,7 +22,7 @@ from pipeline.infra import runlog
 from pipeline.infra.artifacts import atomic_path
 from pipeline.infra.errors import PipelineError
 
-HEADS = ("logreg", "mlp")
+HEADS = ("logreg", "mlp", "knn")  # every head the pipeline fits (dvc.yaml's heads foreach), cheapest first
 SWEEP_FOLDER = "sweep"  # under the heads' metrics folder: one subfolder per sweep backbone
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def _row(fits: dict[str, dict], extract_stage: str) -> dict:
         "weights": first["weights"],
         "image_size": first["image_size"],
         "val_accuracy": {h: m["val"]["accuracy"] for h, m in fits.items()},
+        # Wilson 95 % interval of each val accuracy (None in a metrics file written before intervals)
+        "val_accuracy_ci95": {h: m["val"].get("accuracy_ci95") for h, m in fits.items()},
         "val_loss": {h: m["val"]["loss"] for h, m in fits.items()},
         "features": {h: f"{m['features']['pooling']} {m['features']['in_features']}" for h, m in fits.items()},
         "extract_stage": extract_stage,
@@ -92,7 +95,7 @@ def write_plot_rows(path: Path, results: dict) -> None:
 
 def best(results: dict) -> tuple[str, str, float]:
     """(backbone, head, val accuracy) of the best pair; ties go to the earlier backbone and head in the params'
-    order (logreg, the cheaper head, before mlp), never to speed, which is the machine's, not the result's."""
+    order (logreg, the cheapest head, first), never to speed, which is the machine's, not the result's."""
     pairs = [(acc, -i, -j, name, head) for i, (name, r) in enumerate(results.items())
              for j, (head, acc) in enumerate(r["val_accuracy"].items())]
     acc, _, _, name, head = max(pairs)
@@ -124,8 +127,15 @@ def plot_sweep(path: Path, results: dict) -> None:
     save_figure(fig, path)
 
 
+def accuracy_cell(accuracy: float, interval: list[float] | None) -> str:
+    """`97.50 % [95.12, 98.76]`: a val accuracy in percent and its 95 % interval when known."""
+    text = f"{100 * accuracy:.2f} %"
+    return text if not interval else f"{text} [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
 def sweep_table(results: dict, speed: dict[str, dict] | None = None) -> list[str]:
-    """The comparison as a markdown table; with `speed` (from :func:`speeds`), an extraction img/s column."""
+    """The comparison as a markdown table, each val accuracy with its Wilson 95 % interval; with `speed` (from
+    :func:`speeds`), an extraction img/s column."""
     heads = list(next(iter(results.values()))["val_accuracy"])
     header = ["backbone", "image size", *[f"val acc {h}" for h in heads], f"features ({' / '.join(heads)})"]
     if speed is not None:
@@ -133,7 +143,8 @@ def sweep_table(results: dict, speed: dict[str, dict] | None = None) -> list[str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, (name, r) in enumerate(results.items()):
         row = [f"`{name}`" + (" (main)" if i == 0 else ""), f"{r['image_size']} px",
-               *[f"{100 * r['val_accuracy'][h]:.2f} %" for h in heads], " / ".join(r["features"][h] for h in heads)]
+               *[accuracy_cell(r["val_accuracy"][h], r.get("val_accuracy_ci95", {}).get(h)) for h in heads],
+               " / ".join(r["features"][h] for h in heads)]
         if speed is not None:
             row.append(f"{speed[name]['img_per_s']:.1f} ({speed[name]['device']})" if name in speed else "-")
         lines.append("| " + " | ".join(row) + " |")

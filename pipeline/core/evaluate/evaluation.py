@@ -44,8 +44,11 @@ class Scores:
 
 
 def score_head(features: Path, head_dir: Path, splits: list[str]) -> Scores:
-    """The selected head on the cached features of each split."""
+    """The selected head on the cached features of each split (a kNN head on the GPU when there is one: it compares
+    every row with every train row; the others on the CPU, where their bytes are pinned)."""
     head, spec = load_head(head_dir)
+    if getattr(head, "score_on_accelerator", False):
+        head = head.to(resolve_device("auto"))
     scores = Scores()
     for split in splits:
         feats = read_split(features, split)

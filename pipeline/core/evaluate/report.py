@@ -130,6 +130,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f} %"
 
 
+def _ci(interval: list[float] | None) -> str:
+    """A Wilson 95 % interval in percent, `[91.20, 94.51]`; "-" when the metrics predate intervals."""
+    return "-" if not interval else f"[{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
+def _with_ci(scores: dict, key: str) -> str:
+    """A proportion of a split's metrics with its interval (key `<key>_ci95`) when it has one."""
+    interval = scores.get(f"{key}_ci95")
+    return _pct(scores.get(key)) + (f" {_ci(interval)}" if interval else "")
+
+
 def _data_section(meta: dict) -> list[str]:
     classes = meta["classes"]
     counts = meta.get("counts", {})
@@ -166,12 +177,17 @@ def _backbone_section(attrs: dict) -> list[str]:
 
 
 def _heads_section(selected: dict, figures: dict[str, str]) -> list[str]:
+    interval = f" {selected['interval'][0].upper()}{selected['interval'][1:]}." if selected.get("interval") else ""
+    warm = selected.get("warm_start_head")
+    start = (f" The fine-tune warm-starts from **{warm}** ({selected['warm_start_reason']})."
+             if warm and warm != selected["head"] else "")
     return [
         "## Heads (fitted on cached features)",
-        _table(["head", "val accuracy", "val loss"],
-               [[f"`{r['head']}`", _pct(r["val_accuracy"]), f"{r['val_loss']:.4f}"] for r in selected["ranking"]]),
+        _table(["head", "val accuracy", "95 % interval (Wilson)", "val loss"],
+               [[f"`{r['head']}`", _pct(r["val_accuracy"]), _ci(r.get("val_accuracy_ci95")), f"{r['val_loss']:.4f}"]
+                for r in selected["ranking"]]),
         "",
-        f"Selected: **{selected['head']}** ({selected['reason']}).",
+        f"Selected: **{selected['head']}** ({selected['reason']}).{interval}{start}",
         "",
         f"![heads]({figures['heads']})",
         "",
@@ -223,12 +239,15 @@ def _result_section(result: dict, figures: dict[str, str]) -> list[str]:
     if "finetune" in result:
         scored.append(("fine-tuned network", result["finetune"]))
     extra = [k for k in ("balanced_accuracy", "top5_accuracy") if all(k in m[evals[0]] for _, m in scored)]
-    models = [[name] + [_pct(m[s]["accuracy"]) for s in evals] + [_pct(m[evals[0]][k]) for k in extra]
+    models = [[name] + [_with_ci(m[s], "accuracy") for s in evals] + [_with_ci(m[evals[0]], k) for k in extra]
               for name, m in scored]
     # compare the numbers, never their text ("100.00 %" < "99.00 %" as strings); ties go to the simpler model
     best = max(scored, key=lambda nm: (nm[1][evals[0]]["accuracy"], -scored.index(nm)))[0]
     return [
         "## Result",
+        "Accuracies with their Wilson 95 % intervals in brackets (balanced accuracy: Wilson at the classes' effective "
+        "size, pipeline/core/heads/intervals.py).",
+        "",
         _table(["model", *[f"{s} accuracy" for s in evals],
                 *[f"{evals[0]} {k.replace('_', ' ').replace('top5', 'top-5')}" for k in extra]], models),
         "",

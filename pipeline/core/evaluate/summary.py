@@ -10,21 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.evaluate.comparison import HEADS  # the heads the pipeline fits, in its order
+from pipeline.core.evaluate.comparison import HEADS, accuracy_cell  # the heads the pipeline fits, in its order
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
+def _cell(split: dict, key: str) -> str:
+    """A proportion in percent with its 95 % interval when the file has one (`accuracy_ci95`...)."""
+    return "-" if split.get(key) is None else accuracy_cell(split[key], split.get(f"{key}_ci95"))
 
 
 def _scores(split: dict | None) -> list[str]:
     if not split:
         return ["-", "-"]
-    return [_pct(split.get("accuracy")), _pct(split.get("balanced_accuracy"))]
+    return [_cell(split, "accuracy"), _cell(split, "balanced_accuracy")]
 
 
 def _current_evaluation(metrics_dir: Path, chosen: str | None) -> dict:
@@ -39,7 +40,8 @@ def _current_evaluation(metrics_dir: Path, chosen: str | None) -> dict:
 
 
 def headline_rows(metrics_dir: Path, selected: Path | None = None) -> list[list[str]]:
-    """[model, val accuracy, val balanced accuracy, test accuracy, test balanced accuracy] per model that ran.
+    """[model, val accuracy, val balanced accuracy, test accuracy, test balanced accuracy] per model that ran, each
+    with its 95 % interval when the metrics file has one.
 
     Heads: val from their own metrics, test from evaluate's (which scores only the selected head on test).
     """
@@ -61,10 +63,13 @@ def headline_rows(metrics_dir: Path, selected: Path | None = None) -> list[list[
 
 
 def backbone_rows(metrics_dir: Path) -> list[list[str]]:
-    """[backbone, crop size, val accuracy per head] from the compare stage's metrics/sweep.json."""
+    """[backbone, crop size, val accuracy per head] from the compare stage's metrics/sweep.json ("-": a head the
+    sweep did not fit, e.g. one added since)."""
     sweep = _read(metrics_dir / "sweep.json") or {}
     return [[f"`{name}`" + (" (main)" if i == 0 else ""), f"{r['image_size']} px",
-             *[_pct(r["val_accuracy"].get(h)) for h in HEADS]] for i, (name, r) in enumerate(sweep.items())]
+             *["-" if r["val_accuracy"].get(h) is None
+               else accuracy_cell(r["val_accuracy"][h], r.get("val_accuracy_ci95", {}).get(h)) for h in HEADS]]
+            for i, (name, r) in enumerate(sweep.items())]
 
 
 def markdown(metrics_dir: Path, selected: Path | None = None) -> str:
@@ -74,7 +79,8 @@ def markdown(metrics_dir: Path, selected: Path | None = None) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in headline_rows(metrics_dir, selected)]
     backbones = backbone_rows(metrics_dir)
     if len(backbones) > 1:
-        lines += ["", "| backbone | image size | val accuracy logreg | val accuracy mlp |", "|---|---|---|---|"]
+        lines += ["", "| backbone | image size | " + " | ".join(f"val accuracy {h}" for h in HEADS) + " |",
+                  "|---|---|" + "---|" * len(HEADS)]
         lines += ["| " + " | ".join(row) + " |" for row in backbones]
     return "\n".join(lines) + "\n"
 
@@ -92,6 +98,6 @@ def text(metrics_dir: Path, selected: Path | None = None) -> str:
                   [[c.replace("`", "") for c in r] for r in rows])
     backbones = backbone_rows(metrics_dir)
     if len(backbones) > 1:
-        out += ["", *aligned(["backbone", "size", "val acc logreg", "val acc mlp"],
+        out += ["", *aligned(["backbone", "size", *[f"val acc {h}" for h in HEADS]],
                              [[c.replace("`", "") for c in r] for r in backbones])]
     return "\n".join(out) + "\n"

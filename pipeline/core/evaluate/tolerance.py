@@ -1,8 +1,8 @@
 """How far apart two runs' metrics may be when their bytes cannot match (a GPU against a CPU, another torch build).
 
 Each kind of number gets the tolerance a statistician would give it:
-- proportions of images (accuracy, balanced and top-5 accuracy, per-class precision and recall) are compared in
-  images: the two counts may differ by up to z x the standard deviation of the difference of two binomial counts on
+- proportions of images (accuracy, balanced and top-5 accuracy and the bounds of their 95 % intervals, per-class
+  precision and recall) are compared in images: the two counts may differ by up to z x the standard deviation of the difference of two binomial counts on
   that many images, `z sqrt(n (p1 q1 + p2 q2))`, and always by one image. One image of a 36-image class is not a
   regression; a 3-point drop on 359 images (11 images, bound 9) is;
 - losses relative: `|a - b| <= loss_rtol max(|a|, |b|) + loss_atol` (a loss near zero moves by tiny absolute amounts);
@@ -76,8 +76,9 @@ def _split_of(key: str) -> str | None:
 
 def _kind(key: str) -> str:
     """`proportion`, `precision`, `recall`, `loss` or `exact`, from the key's last name."""
-    parts = key.split(".")
-    last = re.sub(r"\[\d+\]$", "", parts[-1])
+    # an interval's bounds (`accuracy_ci95[0]`) are proportions of the same images as the proportion itself
+    parts = [re.sub(r"_ci95$", "", re.sub(r"\[\d+\]$", "", p)) for p in key.split(".")]
+    last = parts[-1]
     named = [re.sub(r"^(train|val|test)_", "", p) for p in parts]
     if last in ("precision", "recall") and "per_class" in parts:
         return last

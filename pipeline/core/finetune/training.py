@@ -35,6 +35,8 @@ from pipeline.core.finetune.optim import apply_bn_mode, make_optimizer, make_sch
 from pipeline.core.finetune.portable_conv import training_convolutions
 from pipeline.core.heads.divergence import check_finite_loss
 from pipeline.core.heads.fitting import build_head, check_head_features, head_logits, load_head
+from pipeline.core.heads.intervals import wilson_interval
+from pipeline.core.heads.selection import warm_start_head
 from pipeline.core.heads.metrics import split_metrics
 from pipeline.core.models.preprocessing import resolve_image_size
 from pipeline.infra import runlog
@@ -264,9 +266,10 @@ def make_loaders(index_dir: Path, pre: Preprocess, cfg: FinetuneConfig, rank: Di
 
 def _start_network(backbone: BackboneConfig, cfg: FinetuneConfig, heads_dir: Path, choice: dict, attrs: dict,
                    features: Path) -> tuple[TransferNet, Preprocess, nn.Module, dict]:
-    """Backbone + the selected head (or, with `warm_start: false`, a random head of the same shape)."""
-    head, spec = load_head(heads_dir / choice["head"])
-    check_head_features(heads_dir / choice["head"], spec, attrs, features)
+    """Backbone + the selected warm-start head (or, with `warm_start: false`, a random head of the same shape)."""
+    name = warm_start_head(choice)
+    head, spec = load_head(heads_dir / name)
+    check_head_features(heads_dir / name, spec, attrs, features)
     net, pre = warm_started(backbone, head, spec)
     if not cfg.warm_start:  # the LP-FT comparison: same budget and seed, randomly initialised head
         torch.manual_seed(cfg.seed)
@@ -286,10 +289,15 @@ def _warm_start_parity(net: nn.Module, loaders: Loaders, device: torch.device, r
     return start_logits, parity
 
 
-def _stage_metrics(best: dict, history: list[dict], cfg: FinetuneConfig) -> dict:
-    """metrics/finetune.json: the kept epoch's val scores, which epoch that is, and where it started."""
-    return {"val": {"accuracy": best["val_accuracy"], "loss": best["val_loss"]}, "best_epoch": best["epoch"],
-            "start_val": {"accuracy": history[0]["val_accuracy"], "loss": history[0]["val_loss"]},
+def _stage_metrics(best: dict, history: list[dict], cfg: FinetuneConfig, n_val: int) -> dict:
+    """metrics/finetune.json: the kept epoch's val scores (accuracy with its Wilson 95 % interval over the `n_val`
+    val images), which epoch that is, and where it started."""
+    def scores(accuracy: float, loss: float) -> dict:
+        # accuracy is a count of images over n_val: round() undoes the division's last bit
+        return {"accuracy": accuracy, "accuracy_ci95": wilson_interval(round(accuracy * n_val), n_val), "loss": loss}
+
+    return {"val": scores(best["val_accuracy"], best["val_loss"]), "best_epoch": best["epoch"],
+            "start_val": scores(history[0]["val_accuracy"], history[0]["val_loss"]),
             "warm_start": cfg.warm_start}
 
 
@@ -324,7 +332,7 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
         net = net.to(device, memory_format=torch.channels_last)
         loaders = make_loaders(index_dir, pre, cfg, rank, device, gen)
         t0 = time.perf_counter()
-        start_logits, parity = _warm_start_parity(net, loaders, device, reference, cfg, choice["head"])
+        start_logits, parity = _warm_start_parity(net, loaders, device, reference, cfg, spec.head)
         live = _live(live_dir, rank.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # 2x on CPU: no page faults for activations
             best_state, history, best = finetune(net, loaders.train, loaders.val, loaders.val_labels, start_logits,
@@ -332,11 +340,11 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
                                                  start_in_sample=cfg.warm_start and bool(spec.fit.get("refit")))
         if live is not None:
             live.end()
-        metrics = _stage_metrics(best, history, cfg)
+        metrics = _stage_metrics(best, history, cfg, len(loaders.val_labels))
         if rank.is_main:
             net.load_state_dict(best_state)
             save_finetuned(out, net.cpu(), backbone, spec, pre,
-                           {"finetune": to_dict(cfg), "warm_start": choice["head"] if cfg.warm_start else None,
+                           {"finetune": to_dict(cfg), "warm_start": spec.head if cfg.warm_start else None,
                             "best_epoch": best["epoch"], "history": history, "parity": parity,
                             "world_size": rank.world_size})
             write_json(metrics_path, metrics)

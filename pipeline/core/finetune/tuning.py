@@ -64,8 +64,15 @@ def _yaml_value(value: Any) -> str:
 
 
 def head_revision(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The commit the experiments are based on, after refusing a folder where `dvc exp run` cannot work."""
+    if not (repo / ".dvc").is_dir() or not (repo / "dvc.yaml").is_file():
+        raise TuningError(f"{repo} is not the root of a DVC repository (no .dvc/ or dvc.yaml): run "
+                          "`python -m pipeline.tune` where you run `dvc repro`")
+    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo, capture_output=True, text=True)
+    if proc.returncode:
+        raise TuningError(f"{repo} has no git commit: DVC experiments are based on one; commit the pipeline first "
+                          "(git add -A && git commit)")
+    return proc.stdout.strip()
 
 
 def open_study(out: Path, name: str, section: str, base: Any, space: dict[str, Dimension], sampler: str, seed: int,

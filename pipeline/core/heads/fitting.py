@@ -80,7 +80,8 @@ def build_head(spec: HeadSpec) -> nn.Module:
 
 def save_head(out: Path, module: nn.Module, spec: HeadSpec) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    # .cpu(): a kNN head stays on the device it was fitted on (its train metrics are a big product there)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(out / "head.safetensors", sum(t.nbytes for t in state.values())) as tmp:
         save_file(state, str(tmp))
     write_json(out / "head.json", spec.to_dict())
@@ -125,6 +126,14 @@ def check_head_features(head_dir: Path | str, spec: HeadSpec, attrs: dict, featu
                 f"{now!r}; the head is stale: run `dvc repro` to refit it on the current features")
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a head's parameters, or of its buffers for a head without parameters (kNN)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 # Rows per forward pass when scoring: logits stay 4096 x K, and head_logits (in memory) and the streamed metrics cut
 # a split at the same rows, so both give the same bytes.
 SCORE_ROWS = 4096
@@ -133,7 +142,7 @@ SCORE_ROWS = 4096
 @torch.no_grad()
 def head_logits(module: nn.Module, spec: HeadSpec, feats: SplitFeatures) -> np.ndarray:
     """The head's logits for cached features, on whichever device the head is, :data:`SCORE_ROWS` rows at a time."""
-    device = next(module.parameters()).device
+    device = module_device(module)
     module.eval()
     x = feats.inputs(spec.pooling)
     return np.concatenate([module(torch.from_numpy(x[s:s + SCORE_ROWS]).to(device)).cpu().numpy()
@@ -144,7 +153,7 @@ def head_logits(module: nn.Module, spec: HeadSpec, feats: SplitFeatures) -> np.n
 @torch.no_grad()
 def stream_metrics(module: nn.Module, x: np.ndarray | StreamedInputs, labels: np.ndarray, num_classes: int) -> dict:
     """Split metrics of a head over inputs in memory or on disk, one block of logits at a time."""
-    device = next(module.parameters()).device
+    device = module_device(module)
     module.eval()
     rows = [row_scores(module(torch.from_numpy(block).to(device)), torch.from_numpy(labels[s:s + len(block)]))
             for s, block in input_blocks(x, SCORE_ROWS)]
@@ -178,7 +187,8 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, HeadSpec, dict]
         raise PipelineError(f"{features} needs train and val splits; it has {[s for s, v in shapes.items() if v]}")
     classes = attrs["classes"]
     n, d = shapes["train"]
-    in_memory = n * d * 4 <= cfg.in_memory_gb * 2**30 or not kind.streams(cfg, n, d)
+    # a head that cannot stream (kNN) has no in_memory_gb: it is asked first
+    in_memory = not kind.streams(cfg, n, d) or n * d * 4 <= cfg.in_memory_gb * 2**30
     x_train, x_val = (_load_inputs(features, s, pooling, in_memory) for s in ("train", "val"))
     y_train, y_val = read_labels(features, "train"), read_labels(features, "val")
     log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling, %s)", name, n, len(y_val),

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.heads.intervals import balanced_accuracy_interval, wilson_interval
+
 TOP_K = 5  # top-5 accuracy is reported when there are more than 5 classes (with 5 or fewer it is always 1)
 
 
@@ -29,9 +31,10 @@ def concat_scores(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def summarize(labels: np.ndarray, rows: dict[str, np.ndarray], num_classes: int) -> dict:
     """Split metrics from per-row scores.
 
-    Keys: `accuracy`, `loss` (mean cross-entropy), `balanced_accuracy` (mean recall over the classes present),
-    `top5_accuracy` (only with more than 5 classes), and `per_class` with `precision`, `recall` and `support` lists
-    in class order. The definitions are scikit-learn's `balanced_accuracy_score` and
+    Keys: `accuracy` and `accuracy_ci95` (its Wilson 95 % interval [lo, hi]), `loss` (mean cross-entropy),
+    `balanced_accuracy` (mean recall over the classes present) and `balanced_accuracy_ci95`
+    (pipeline/core/heads/intervals.py), `top5_accuracy` (only with more than 5 classes), and `per_class` with
+    `precision`, `recall` and `support` lists in class order. The definitions are scikit-learn's `balanced_accuracy_score` and
     `precision_recall_fscore_support(labels=range(K), zero_division=0)` (a class never predicted has precision 0),
     computed here from the confusion matrix: importing sklearn.metrics costs ~1.3 s per stage, a quarter of a
     head's refit on the default data (tests/heads/test_heads.py checks every figure against scikit-learn's functions).
@@ -41,10 +44,13 @@ def summarize(labels: np.ndarray, rows: dict[str, np.ndarray], num_classes: int)
     hits, support, times_predicted = np.diag(counts).astype(np.float64), counts.sum(1), counts.sum(0)
     precision = np.divide(hits, times_predicted, out=np.zeros(num_classes), where=times_predicted > 0)
     recall = np.divide(hits, support, out=np.zeros(num_classes), where=support > 0)
+    present = support > 0
     out = {"accuracy": float((predicted == labels).mean()),
+           "accuracy_ci95": wilson_interval(int(hits.sum()), len(labels)),
            "loss": float(rows["loss"].astype(np.float64).mean()),
            # a prediction of a class absent from this split is an ordinary error here: only present classes count
-           "balanced_accuracy": float(recall[support > 0].mean())}
+           "balanced_accuracy": float(recall[present].mean()),
+           "balanced_accuracy_ci95": balanced_accuracy_interval(recall[present].tolist(), support[present].tolist())}
     if num_classes > TOP_K:
         out["top5_accuracy"] = float(rows["top5"].mean())
     out["per_class"] = {"precision": [round(float(v), 6) for v in precision],

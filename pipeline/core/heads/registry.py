@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 
+from pipeline.core.heads.knn import KnnHead, fit_knn
 from pipeline.core.heads.logreg import fit_logreg, resolve_solver
 from pipeline.core.heads.mlp import MlpHead, fit_mlp
 from pipeline.core.heads.spec import HeadSpec
@@ -52,6 +53,12 @@ HEADS: dict[str, HeadType] = {
                                                spec.architecture["dropout"]),
                     architecture=lambda cfg: {"hidden": list(cfg.hidden), "dropout": cfg.dropout},
                     streams=lambda cfg, n, d: True),
+    # no weights to learn: the normalised train rows are the module's buffers; k is what the fit chose on val
+    "knn": HeadType(pooling=lambda cfg, layout: _pooling("knn", cfg, layout), fit=fit_knn,
+                    build=lambda spec: KnnHead(spec.in_features, spec.num_classes, spec.fit["train_rows"],
+                                               spec.fit["k"], spec.config["T"]),
+                    architecture=lambda cfg: {},
+                    streams=lambda cfg, n, d: False),  # every train row is compared with every query: in memory
 }
 
 

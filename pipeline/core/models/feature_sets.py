@@ -26,8 +26,8 @@ def auto_pooling(head: str, layout: str) -> str:
 
     Token models (ViT, DINOv2, CLIP, SigLIP, EVA: NLC) -> `pre_logits`, the representation they were trained to
     expose (class token or their own pooling, after the final norm); averaging their patch tokens is weaker for a
-    linear probe. Feature-map models (CNNs, Swin) -> `avg` for logistic regression and `catavgmax` for the MLP: for
-    most of them `pre_logits` *is* the average (ResNet, EfficientNet, Swin), and the MLP gains from the max map.
+    linear probe. Feature-map models (CNNs, Swin) -> `avg` for logistic regression and kNN, `catavgmax` for the MLP:
+    for most of them `pre_logits` *is* the average (ResNet, EfficientNet, Swin), and the MLP gains from the max map.
     """
     if layout == "NLC":
         return "pre_logits"
