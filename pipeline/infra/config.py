@@ -38,6 +38,7 @@ MAX_HIDDEN = 65_536          # units in one MLP layer: 65536 x 2560 inputs is al
 MAX_BATCH_SIZE = 65_536      # images or feature rows per step
 MAX_EPOCHS = 100_000
 MAX_ITER = 10_000_000        # LogisticRegression solver iterations
+MAX_REFINE = 20              # logreg C refinement steps: 20 halvings of a decade reach C to 1e-6 of its log
 MAX_NEIGHBOURS = 10_000      # kNN's k: DINOv2 goes to 200; each query keeps k similarities per step
 MAX_WORKERS = 256            # DataLoader processes
 MAX_CHECKPOINT_ROWS = 10_000_000
@@ -180,6 +181,12 @@ class LogregConfig:
     `in_memory_gb`), or `auto` (scikit-learn for small data, torch above ~20 M feature values). `tol`: both solvers
     stop when the largest gradient component is below it. `class_weight: balanced` weighs each class by
     n / (K n_k). `device` and `in_memory_gb` are speed only (results agree within the solver's tolerance).
+
+    The linear-probe protocol of the papers, both off by default: `refine` > 0 refines the C grid around the best C
+    (CLIP's protocol: each step fits the log-midpoints between the best C and its neighbours among the Cs tried,
+    at most 2 new fits, instead of a second full sweep); `refit: true` then refits at the chosen C on train + val
+    (torchgeo-bench and most linear-probe papers). After a refit the saved model has seen val: the val metrics
+    reported stay those of the train-only fit that chose C (pipeline/core/heads/logreg.py).
     """
 
     C: list[float] = dataclasses.field(default_factory=lambda: [0.01, 0.1, 1.0])
@@ -190,8 +197,11 @@ class LogregConfig:
     class_weight: Optional[Literal["balanced"]] = _CLASS_WEIGHT
     device: str = _speed("auto")
     in_memory_gb: float = _speed(4.0)
+    refine: int = 0
+    refit: bool = False
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.refine", self.refine, 0, MAX_REFINE)
         if not self.C:
             raise ConfigError(f"{prefix}.C must list at least one value")
         for c in self.C:

@@ -282,3 +282,28 @@ def test_select_last_keeps_the_final_epoch_unless_the_warm_start_is_better(fitte
     saved = score_finetuned(tmp_path / "m", rows, meta["source"], ["val"]).metrics["val"]
     assert saved["accuracy"] == pytest.approx(metrics["val"]["accuracy"])
     assert saved["loss"] == pytest.approx(metrics["val"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_refitted_head_parity_and_its_in_sample_start_is_not_kept(fitted, tmp_path):
+    """A logreg head refitted on train + val (heads.logreg.refit): the warm start reproduces the saved, refitted
+    model (parity against its own val logits; epoch 0 scores the in-sample val the heads stage recorded, not the
+    selection fit's), and a run worse on val than that start (lr far too high, as in the `select: last` test above)
+    still keeps its trained epoch: in-sample val scores are no yardstick."""
+    import dataclasses
+
+    cfg = dataclasses.replace(load_section("heads", fitted["params"]).logreg, refit=True)
+    module, spec, head_metrics = fit_head("logreg", fitted["features"], cfg)
+    save_head(tmp_path / "heads" / "logreg", module, spec)
+    write_json(tmp_path / "selected.json", select_head({"logreg": head_metrics}))
+    params = _override(fitted["params"], tmp_path / "params.yaml", select="last", epochs=1, lr=30.0)
+    metrics = finetune_run(params, fitted["index"], fitted["features"], tmp_path / "heads",
+                           tmp_path / "selected.json", tmp_path / "m", tmp_path / "f.json")
+    in_sample = head_metrics["refit"]["val_in_sample"]
+    assert metrics["start_val"]["accuracy"] == pytest.approx(in_sample["accuracy"])
+    assert metrics["start_val"]["loss"] == pytest.approx(in_sample["loss"], abs=1e-4)
+    info = read_json(tmp_path / "m" / "model.json")
+    assert info["parity"]["max_abs_logit_diff"] <= info["finetune"]["parity_atol"]
+    assert metrics["best_epoch"] == 1
+    first = info["history"][1]
+    assert (first["val_accuracy"], -first["val_loss"]) < (in_sample["accuracy"], -in_sample["loss"])

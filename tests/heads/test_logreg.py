@@ -1,6 +1,8 @@
 """The logistic-regression head: scaler folding must reproduce scikit-learn exactly, binary and multiclass."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,248 @@ def test_whitener_whitens_the_standardised_covariance():
     ridge = WHITEN_RIDGE * np.trace(s) / 6
     np.testing.assert_allclose(p, p.T, atol=1e-12)
     np.testing.assert_allclose(p @ s @ p, s @ np.linalg.inv(s + ridge * np.eye(6)), atol=1e-8)
+
+
+# --- the linear-probe protocol: refinement of C and the refit on train + val ----------------------------------
+
+def _split_digits(classes: list[int]) -> tuple[np.ndarray, ...]:
+    x, y = _digits(classes)
+    order = np.random.default_rng(0).permutation(len(x))
+    tr, va = order[:len(x) // 2], order[len(x) // 2:]
+    return x[tr], y[tr], x[va], y[va]
+
+
+def test_defaults_reproduce_the_plain_sweep():
+    """refine: 0 and refit: false are the sweep as it was: one cold scikit-learn fit per C (the second route, written
+    out here), the best by val accuracy, then log loss, then the smaller C; the same weights to the bit, the same
+    details (no refinement step, no refit entry, no selection model)."""
+    from pipeline.core.heads.logreg import _val_scores
+
+    x_tr, y_tr, x_va, y_va = _split_digits([0, 1, 2, 3, 4])
+    cfg = LogregConfig(C=[0.1, 1e-3, 1e-2], solver="sklearn")
+    assert (cfg.refine, cfg.refit) == (0, False)
+    layer, info = fit_logreg(x_tr, y_tr, x_va, y_va, cfg, 5)
+    search, layers = [], {}
+    for c in cfg.C:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=cfg.max_iter, tol=cfg.tol))
+        layers[c] = linear_from_pipeline(model.fit(x_tr, y_tr))
+        acc, loss = _val_scores(layers[c], x_va, y_va)
+        search.append({"C": c, "val_accuracy": acc, "val_loss": loss})
+    best = min(search, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["C"]))["C"]
+    assert info == {"C": best, "solver": "sklearn", "search": search}
+    torch.testing.assert_close(layer.weight, layers[best].weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias, layers[best].bias, rtol=0, atol=0)
+
+
+def test_torch_defaults_are_the_softmax_path_of_the_grid():
+    """The torch solver with the defaults returns fit_softmax_path's model at the best C, bit for bit."""
+    from pipeline.core.heads.softmax import fit_softmax_path
+
+    x_tr, y_tr, x_va, y_va = _split_digits([3, 8])
+    cfg = LogregConfig(C=[0.5, 0.05], solver="torch")
+    layer, info = fit_logreg(x_tr, y_tr, x_va, y_va, cfg, 2)
+    assert set(info) == {"C", "solver", "search"} and [r["C"] for r in info["search"]] == [0.5, 0.05]
+    path, mean, scale = fit_softmax_path(lambda: iter([(0, x_tr)]), y_tr, 2, x_tr.shape[1], [0.5, 0.05],
+                                         class_weight=None, tol=cfg.tol, max_iter=cfg.max_iter,
+                                         device=torch.device("cpu"))
+    reference = fold_scaler_into_linear(*path[info["C"]][:2], mean, scale)
+    torch.testing.assert_close(layer.weight, reference.weight, rtol=0, atol=0)
+
+
+class _Tagged(torch.nn.Linear):
+    """A stand-in model that knows the C it was 'fitted' at."""
+
+    def __init__(self, c: float):
+        super().__init__(1, 1)
+        self.c = c
+
+
+def _known_curve(monkeypatch, peak_log10: float, flat: bool = False) -> list[tuple[list[float], float | None]]:
+    """Replaces the fits and the val scores by a known val curve in log10 C: accuracy 1 - |log10 C - peak| / 10,
+    loss |log10 C - peak| (or both constant with `flat`); returns the log of fitter calls (Cs, warm_from)."""
+    from pipeline.core.heads import logreg
+
+    calls = []
+
+    def fitter(x, y, cfg):
+        def fit(cs, warm_from=None):
+            calls.append((list(cs), warm_from))
+            return {c: _Tagged(c) for c in cs}
+        return fit
+
+    def scores(layer, x, y):
+        gap = 0.0 if flat else abs(math.log10(layer.c) - peak_log10)
+        return 1.0 - gap / 10, gap
+
+    monkeypatch.setattr(logreg, "_sklearn_fitter", fitter)
+    monkeypatch.setattr(logreg, "_val_scores", scores)
+    return calls
+
+
+def test_refinement_bisects_log_c_around_the_best(monkeypatch):
+    """Val curve peaked at log10 C = -1.3 on the grid 1e-3 .. 1: the grid's best is 0.1 (log -1). Step 1 fits the
+    log-midpoints with its neighbours, 10^-1.5 and 10^-0.5 (best: -1.5, 0.2 from the peak); step 2 those of -1.5
+    with -2 and -1: -1.75 and -1.25 (best: -1.25, 0.05 away); step 3 those of -1.25 with -1.5 and -1: -1.375 and
+    -1.125 (0.075 and 0.175 away: -1.25 stays). Each step warm-starts from the best C so far."""
+    calls = _known_curve(monkeypatch, -1.3)
+    x = np.zeros((6, 1), np.float32)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    cfg = LogregConfig(C=[1e-3, 1e-2, 0.1, 1.0], solver="sklearn", refine=3)
+    _, info = fit_logreg(x, y, x, y, cfg, 2)
+    exponents = [[-1.5, -0.5], [-1.75, -1.25], [-1.375, -1.125]]
+    warm = [-1.0, -1.5, -1.25]
+    assert calls[0] == ([1e-3, 1e-2, 0.1, 1.0], None)
+    assert len(calls) == 4
+    for (cs, warm_from), want, w in zip(calls[1:], exponents, warm):
+        assert cs == pytest.approx([10 ** e for e in want], rel=1e-12)
+        assert warm_from == pytest.approx(10 ** w, rel=1e-12)
+    tried = [r["C"] for r in info["search"]]
+    assert tried == [c for cs, _ in calls for c in cs]  # every C, in the order fitted
+    assert [r.get("step", 0) for r in info["search"]] == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert info["C"] == pytest.approx(10 ** -1.25, rel=1e-12)
+    assert 1e-2 < info["C"] < 1.0  # between the grid best's neighbours
+    by_c = {r["C"]: r for r in info["search"]}
+    assert by_c[info["C"]]["val_loss"] == pytest.approx(0.05)
+
+
+def test_refinement_at_the_edge_of_the_grid_fits_one_c_and_ties_go_to_the_smaller_c(monkeypatch):
+    """Peak beyond the grid's top: the best is its last C, which has one neighbour, so each step fits one C. A flat
+    curve (every C ties on accuracy and loss): the smaller C wins, as in the grid, so refinement goes down."""
+    calls = _known_curve(monkeypatch, 3.0)
+    x, y = np.zeros((4, 1), np.float32), np.array([0, 1, 0, 1])
+    _, info = fit_logreg(x, y, x, y, LogregConfig(C=[0.01, 1.0], solver="sklearn", refine=2), 2)
+    assert [cs for cs, _ in calls[1:]] == [[pytest.approx(0.1)], [pytest.approx(10 ** -0.5)]]
+    assert info["C"] == 1.0
+    calls = _known_curve(monkeypatch, 0.0, flat=True)
+    _, info = fit_logreg(x, y, x, y, LogregConfig(C=[0.01, 1.0], solver="sklearn", refine=2), 2)
+    assert [cs for cs, _ in calls[1:]] == [[pytest.approx(0.1)], [pytest.approx(10 ** -1.5)]]
+    assert info["C"] == 0.01
+    calls = _known_curve(monkeypatch, 0.0)
+    _, info = fit_logreg(x, y, x, y, LogregConfig(C=[1.0], solver="sklearn", refine=2), 2)
+    assert len(calls) == 1 and info["C"] == 1.0  # one C: nothing to bisect
+
+
+def test_log_midpoints_closed_form():
+    from pipeline.core.heads.logreg import log_midpoints
+
+    assert log_midpoints([0.01, 1.0, 0.1], 0.1) == pytest.approx([10 ** -1.5, 10 ** -0.5], rel=1e-15)
+    assert log_midpoints([0.01, 0.1], 0.01) == pytest.approx([10 ** -1.5], rel=1e-15)
+    assert log_midpoints([2.0], 2.0) == []
+
+
+@pytest.mark.parametrize("classes", [[3, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]], ids=["binary", "multiclass"])
+def test_refit_equals_sklearn_on_train_plus_val(classes):
+    """refit: true chooses C on val as without it, then returns scikit-learn's fit at that C on the train + val rows
+    (scaler refitted too); the train-only model at that C, which chose it, comes back as the selection model."""
+    from pipeline.core.heads.spec import SELECTION_MODULE
+
+    x_tr, y_tr, x_va, y_va = _split_digits(classes)
+    cfg = LogregConfig(C=[1e-3, 0.1], solver="sklearn", refit=True)
+    layer, info = fit_logreg(x_tr, y_tr, x_va, y_va, cfg, len(classes))
+    plain_layer, plain = fit_logreg(x_tr, y_tr, x_va, y_va, LogregConfig(C=[1e-3, 0.1], solver="sklearn"),
+                                    len(classes))
+    selection = info.pop(SELECTION_MODULE)
+    assert info == {**plain, "refit": {"splits": ["train", "val"], "rows": {"train": len(y_tr), "val": len(y_va)}}}
+    torch.testing.assert_close(selection.weight, plain_layer.weight, rtol=0, atol=0)
+    direct = make_pipeline(StandardScaler(), LogisticRegression(C=info["C"], max_iter=cfg.max_iter, tol=cfg.tol))
+    direct.fit(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]))
+    x_all = np.concatenate([x_tr, x_va])
+    with torch.no_grad():
+        probs = torch.softmax(layer(torch.from_numpy(x_all)).double(), 1).numpy()
+    np.testing.assert_allclose(probs, direct.predict_proba(x_all), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.weight, linear_from_pipeline(direct).weight, rtol=0, atol=0)
+    assert not torch.equal(layer.weight, selection.weight)  # val rows changed the model
+
+
+def test_torch_refit_agrees_with_sklearn_refit():
+    """The torch solver's refit on train + val reaches scikit-learn's refit, with the tolerances (and their reasons)
+    of test_torch_solver_agrees_with_sklearn: objective within 1e-5 relative, probabilities within 2e-3."""
+    x_tr, y_tr, x_va, y_va = _split_digits(list(range(10)))
+    x_all, y_all = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    layers = {}
+    for solver in ("sklearn", "torch"):
+        cfg = LogregConfig(C=[0.05], max_iter=20000, tol=1e-6, solver=solver, refit=True)
+        layers[solver], info = fit_logreg(x_tr, y_tr, x_va, y_va, cfg, 10)
+        assert info["solver"] == solver and info["refit"]["rows"] == {"train": len(y_tr), "val": len(y_va)}
+    scale = StandardScaler().fit(x_all).scale_
+    f = {s: _sklearn_objective(layers[s], x_all, y_all, 0.05, scale, np.ones(len(y_all))) for s in layers}
+    assert f["torch"] <= f["sklearn"] * (1 + 1e-5), f
+    with torch.no_grad():
+        probs = {s: torch.softmax(layers[s](torch.from_numpy(x_all)).double(), 1).numpy() for s in layers}
+    np.testing.assert_allclose(probs["torch"], probs["sklearn"], atol=2e-3, rtol=0)
+
+
+def test_torch_refinement_reaches_the_cold_fits_at_the_same_cs():
+    """Refinement with the torch solver (each new C warm-started from the best C's solution) tries the same Cs as
+    scikit-learn's cold fits and scores them alike: val loss within 1e-3 relative at every C."""
+    x_tr, y_tr, x_va, y_va = _split_digits([0, 1, 2, 3, 4])
+    infos = {}
+    for solver in ("sklearn", "torch"):
+        cfg = LogregConfig(C=[1e-3, 1e-1], max_iter=20000, tol=1e-6, solver=solver, refine=2)
+        _, infos[solver] = fit_logreg(x_tr, y_tr, x_va, y_va, cfg, 5)
+    cs = {s: [r["C"] for r in infos[s]["search"]] for s in infos}
+    assert cs["torch"] == cs["sklearn"] and len(cs["torch"]) == 4  # one C at the edge per step, or two: 2+1+1
+    for a, b in zip(infos["torch"]["search"], infos["sklearn"]["search"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=2 / len(y_va))
+
+
+def test_streamed_refit_equals_in_memory(tmp_path, monkeypatch):
+    """Refit with both splits left in the HDF5 file: train's blocks, then val's, numbered on from train's, give the
+    model the arrays in memory give, bit for bit."""
+    import h5py
+
+    from pipeline.core.features import cache as feats
+    from pipeline.core.features.cache import StreamedInputs, read_inputs, split_shape
+    from pipeline.core.features.resume import create_datasets, write_rows
+
+    x, y = _digits(list(range(10)))
+    x = np.abs(x)
+    split = np.where(np.arange(len(y)) < 2 * len(y) // 3, "train", "val")  # an index lists each split's rows together
+    rows = [{"split": str(s), "label": int(label), "id": i} for i, (s, label) in enumerate(zip(split, y))]
+    path = tmp_path / "features.h5"
+    with h5py.File(path, "w") as f:
+        ranges = create_datasets(f, rows, {k: x.shape[1] for k in ("avg", "max", "pre_logits")}, "float32")
+        write_rows(f, ranges, 0, {"avg": x, "max": x * 2, "pre_logits": x})
+    monkeypatch.setattr(feats, "READ_ROWS", 256)
+    streamed = {s: StreamedInputs(path, s, "avg", split_shape(path, s, "avg")) for s in ("train", "val")}
+    in_memory = {s: read_inputs(path, s, "avg") for s in ("train", "val")}
+    labels = {s: feats.read_labels(path, s) for s in ("train", "val")}
+    np.testing.assert_array_equal(in_memory["val"], x[split == "val"])
+    cfg = LogregConfig(C=[0.1], tol=1e-5, solver="torch", refit=True)
+    a, info_a = fit_logreg(in_memory["train"], labels["train"], in_memory["val"], labels["val"], cfg, 10)
+    b, info_b = fit_logreg(streamed["train"], labels["train"], streamed["val"], labels["val"], cfg, 10)
+    torch.testing.assert_close(info_a.pop("selection_module").weight, info_b.pop("selection_module").weight,
+                               rtol=0, atol=0)
+    assert info_a == info_b
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+
+
+def test_fit_head_with_refit_reports_the_selection_fit_and_saves_the_refit(tiny_cache, tmp_path):
+    """heads@logreg with refit: the metrics' train and val scores are those of the run without refit (the train-only
+    fit at the chosen C: what select compares), the saved model is the refitted one, and head.json and the metrics
+    say so (rows fitted on; the saved model's in-sample val scores); head.json holds no model object."""
+    import dataclasses
+    import json
+
+    from pipeline.core.features.cache import read_inputs, read_labels
+    from pipeline.core.heads.fitting import fit_head, load_head, save_head, stream_metrics
+    from pipeline.infra.config import load_section
+
+    cfg = load_section("heads", tiny_cache["params"]).logreg
+    plain_module, plain_spec, plain = fit_head("logreg", tiny_cache["features"], cfg)
+    module, spec, metrics = fit_head("logreg", tiny_cache["features"], dataclasses.replace(cfg, refit=True))
+    assert metrics["val"] == plain["val"] and metrics["train"] == plain["train"]
+    assert spec.fit["C"] == plain_spec.fit["C"] and spec.fit["search"] == plain_spec.fit["search"]
+    rows = {s: len(read_labels(tiny_cache["features"], s)) for s in ("train", "val")}
+    assert spec.fit["refit"] == {"splits": ["train", "val"], "rows": rows}
+    assert metrics["refit"]["rows"] == rows
+    assert "selection_module" not in spec.fit and json.loads(json.dumps(spec.to_dict()))["fit"] == spec.fit
+    x_val = read_inputs(tiny_cache["features"], "val", spec.pooling)
+    in_sample = stream_metrics(module, x_val, read_labels(tiny_cache["features"], "val"), spec.num_classes)
+    assert metrics["refit"]["val_in_sample"] == {"accuracy": in_sample["accuracy"], "loss": in_sample["loss"]}
+    assert not torch.equal(module.weight, plain_module.weight)
+    save_head(tmp_path / "logreg", module, spec)
+    loaded, loaded_spec = load_head(tmp_path / "logreg")
+    torch.testing.assert_close(loaded.weight, module.weight, rtol=0, atol=0)
+    assert loaded_spec.fit["refit"]["rows"] == rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,10 +162,12 @@ def train_epoch(model: nn.Module, net: TransferNet, loader: DataLoader, opt: tor
 
 def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
              start_logits: np.ndarray, cfg: FinetuneConfig, device: torch.device, live=None,
-             ddp: bool = False, kernels: contextlib.AbstractContextManager | None = None
-             ) -> tuple[dict, list[dict], dict]:
+             ddp: bool = False, kernels: contextlib.AbstractContextManager | None = None,
+             start_in_sample: bool = False) -> tuple[dict, list[dict], dict]:
     """Trains `net` in place; returns the best state dict (CPU), the per-epoch history and the best epoch's record.
-    `kernels`: see :func:`train_epoch`.
+    `kernels`: see :func:`train_epoch`. `start_in_sample`: the warm start has trained on val (a head refitted on
+    train + val, `heads.logreg.refit`): its val scores are recorded as epoch 0 but are no yardstick, too good by an
+    unknown amount, so with epochs to train the kept epoch is one of those trained (whatever `select`).
 
     Raises:
         TrainingDivergedError: the warm start's val loss, an epoch's train loss (summed over every rank, so all
@@ -187,7 +190,12 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
     scored = average.module if average is not None else net
     start = split_metrics(start_logits, val_labels)
     check_finite_loss(start["loss"], "finetune val loss of the warm start", 0, hint)
-    best = {"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]}
+    start_competes = not start_in_sample or cfg.epochs == 0
+    if not start_competes:
+        log.info("finetune: the warm start was refitted on train + val, so its val scores (accuracy %.4f) are "
+                 "in-sample: it is not weighed against the trained epochs", start["accuracy"])
+    best = ({"epoch": 0, "val_accuracy": start["accuracy"], "val_loss": start["loss"]} if start_competes
+            else {"epoch": 0, "val_accuracy": -math.inf, "val_loss": math.inf})  # any trained epoch replaces it
     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     start_kept = (best, best_state)
     history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": start["accuracy"],
@@ -219,7 +227,7 @@ def finetune(net: TransferNet, train_loader: DataLoader, val_loader: DataLoader,
             log.info("finetune: early stop after epoch %d (best epoch %d)", epoch, best["epoch"])
             break
     # `last` keeps the final epoch, but never a network worse on val than the head it started from.
-    if cfg.select == "last" and best["epoch"] > 0 and _better(start["accuracy"], start["loss"], best, "accuracy"):
+    if cfg.select == "last" and start_competes and best["epoch"] > 0 and _better(start["accuracy"], start["loss"], best, "accuracy"):
         log.info("finetune: the warm start scores better on val than epoch %d (accuracy %.4f vs %.4f): keeping it",
                  best["epoch"], start["accuracy"], best["val_accuracy"])
         best, best_state = start_kept
@@ -328,7 +336,8 @@ def run_finetune(cfg: FinetuneConfig, backbone: BackboneConfig, extract: Extract
         live = _live(live_dir, rank.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # 2x on CPU: no page faults for activations
             best_state, history, best = finetune(net, loaders.train, loaders.val, loaders.val_labels, start_logits,
-                                                 cfg, device, live, ddp=rank.world_size > 1, kernels=kernels)
+                                                 cfg, device, live, ddp=rank.world_size > 1, kernels=kernels,
+                                                 start_in_sample=cfg.warm_start and bool(spec.fit.get("refit")))
         if live is not None:
             live.end()
         metrics = _stage_metrics(best, history, cfg, len(loaders.val_labels))

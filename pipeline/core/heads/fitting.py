@@ -28,7 +28,7 @@ from pipeline.core.features.cache import (
 )
 from pipeline.core.heads.metrics import concat_scores, row_scores, summarize
 from pipeline.core.heads.registry import head_type
-from pipeline.core.heads.spec import HeadSpec
+from pipeline.core.heads.spec import SELECTION_MODULE, HeadSpec
 from pipeline.infra.artifacts import atomic_path, read_json, write_json
 from pipeline.infra.config import to_dict
 from pipeline.infra.errors import PipelineError
@@ -195,14 +195,25 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, HeadSpec, dict]
              d, pooling, "in memory" if in_memory else f"streamed from {features}")
     t0 = time.perf_counter()
     module, info = kind.fit(x_train, y_train, x_val, y_val, cfg, len(classes))
+    # The model the train and val scores are of: the one selected on val, which is the saved one unless it was
+    # refitted on train + val (its val scores would then be in-sample; see pipeline/core/heads/logreg.py).
+    selected = info.pop(SELECTION_MODULE, module)
     fitted_on = {k: attrs.get(k) for k in FINGERPRINT_KEYS}
     spec = HeadSpec(head=name, pooling=pooling, in_features=int(d), num_classes=len(classes), classes=classes,
                     config=to_dict(cfg), fit=info, features=fitted_on,
                     classes_binding=class_binding(classes, fitted_on), architecture=kind.architecture(cfg))
     # What the head was fitted on travels with its scores, so a comparison of backbones (pipeline.compare) reads
     # one file per head and never the features themselves.
-    metrics = {"features": _features_summary(spec), "train": stream_metrics(module, x_train, y_train, len(classes)),
-               "val": stream_metrics(module, x_val, y_val, len(classes))}
+    metrics = {"features": _features_summary(spec),
+               "train": stream_metrics(selected, x_train, y_train, len(classes)),
+               "val": stream_metrics(selected, x_val, y_val, len(classes))}
+    if selected is not module:
+        # What the saved model was fitted on, and its own val scores, named as in-sample: the fine-tune's warm start
+        # reproduces these (its epoch 0), not the selection's.
+        in_sample = stream_metrics(module, x_val, y_val, len(classes))
+        metrics["refit"] = {**info["refit"], "val_in_sample": {k: in_sample[k] for k in ("accuracy", "loss")},
+                            "note": "train and val are the train-only fit's at the chosen C (what selected it); "
+                                    "the saved model is refitted on train + val and has seen val"}
     log.info("heads@%s: val accuracy %.4f (loss %.4f), train accuracy %.4f, %.1f s", name,
              metrics["val"]["accuracy"], metrics["val"]["loss"], metrics["train"]["accuracy"],
              time.perf_counter() - t0)

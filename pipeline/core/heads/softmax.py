@@ -129,11 +129,11 @@ class _Objective:
         return total + 0.5 * reg * float((w.double() ** 2).sum())
 
 
-def fit_softmax_path(blocks: Blocks, labels: np.ndarray, num_classes: int, d: int, cs: list[float], *,
-                     class_weight: np.ndarray | None, tol: float, max_iter: int, device: torch.device,
-                     on_device: bool = False) -> tuple[dict[float, tuple[np.ndarray, np.ndarray, int]], np.ndarray,
-                                                        np.ndarray]:
-    """Solves the objective for every C, warm-starting each from the previous (C ascending).
+class SoftmaxPath:
+    """The objective on one training set, solved for C after C; each solution kept, to warm-start later Cs from.
+
+    Building it costs what every C shares (the standardisation's pass over the data, the whitener); :meth:`solve`
+    can then be called again for more Cs (logreg's refinement around the best C) without a second sweep.
 
     Args:
         blocks: a callable giving (first row, float32 block) over the training inputs, the same order every time.
@@ -144,46 +144,80 @@ def fit_softmax_path(blocks: Blocks, labels: np.ndarray, num_classes: int, d: in
             (:data:`WARM_START_REDUCTION`).
         max_iter: L-BFGS iterations per C.
         on_device: copy the blocks to `device` once (they fit there).
+    """
+
+    def __init__(self, blocks: Blocks, labels: np.ndarray, num_classes: int, d: int, *,
+                 class_weight: np.ndarray | None, tol: float, max_iter: int, device: torch.device,
+                 on_device: bool = False):
+        self.blocks, self.labels, self.tol, self.max_iter, self.device = blocks, labels, tol, max_iter, device
+        self.mean, self.scale = standardizer(blocks, d)
+        self.row_weight = np.ones(len(labels)) if class_weight is None else class_weight[labels]
+        self.objective = _Objective(blocks, labels, self.row_weight, self.mean, self.scale, device)
+        if on_device:
+            self.objective.keep_on_device()
+        self.precond = torch.from_numpy(_whitener(blocks, len(labels), self.mean, self.scale).astype(np.float32)
+                                        ).to(device)
+        self.objective.precond = self.precond
+        self.w = torch.zeros(num_classes, d, device=device)  # u, the solver's variable: W = u P
+        self.b = torch.zeros(num_classes, device=device)
+        # scikit-learn's binary model is one vector; the symmetric two-row softmax matches it at half the C
+        self.c_factor = 0.5 if num_classes == 2 else 1.0
+        self.solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # C -> (u, b)
+
+    def solve(self, cs: list[float], warm_from: float | None = None) -> dict[float, tuple[np.ndarray, np.ndarray,
+                                                                                           int]]:
+        """Solves for every C of `cs` (ascending), each from the previous one's solution, or, with `warm_from`
+        (a C solved before), each from that C's solution.
+
+        Returns:
+            {C: (coef K x D, intercept K, iterations)} in standardised space.
+        """
+        w, b, objective, tol, max_iter = self.w, self.b, self.objective, self.tol, self.max_iter
+        # Large data: the first C (the hardest solve, from zero) starts on every 8th row, C scaled so that the
+        # penalty per row is the same: its solution is close to the full one at an eighth of the cost per evaluation.
+        if not self.solutions and len(self.labels) >= SUBSAMPLE_EVERY * SUBSAMPLE_MIN_ROWS:
+            sub = _subsample(self.blocks, self.labels, self.row_weight, self.mean, self.scale, self.device)
+            sub.precond = self.precond
+            iterations, _ = _lbfgs(sub, w, b, min(cs) * self.c_factor * sub.total_weight / objective.total_weight,
+                                   tol, max_iter)
+            log.info("logreg (torch): warm start on %d rows (C=%g) in %d iterations", len(sub.labels), min(cs),
+                     iterations)
+        out: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
+        warm = bool(self.solutions)  # (w, b) = 0 or the subsample's solution: the first C stops at tol
+        for c in sorted(cs):
+            if warm_from is not None:
+                w.copy_(self.solutions[warm_from][0])
+                b.copy_(self.solutions[warm_from][1])
+            c_reg = c * self.c_factor
+            # a later C starts from another C's solution and must bring the gradient to 0.3x what the change of C
+            # alone puts there, not merely below tol (see WARM_START_REDUCTION)
+            stop, start_value = _warm_stop(objective, w, b, c_reg, tol) if warm else (None, None)
+            iterations, evaluations = _lbfgs(objective, w, b, c_reg, stop or tol, max_iter, start_value=start_value)
+            warm = True
+            if iterations >= max_iter:
+                log.warning("logreg (torch): C=%g stopped at max_iter=%d before the gradient reached tol=%g", c,
+                            max_iter, tol)
+            log.info("logreg (torch): C=%g solved in %d iterations (%d evaluations over the data)", c, iterations,
+                     evaluations)
+            self.solutions[c] = (w.detach().clone(), b.detach().clone())
+            out[c] = ((w @ self.precond).cpu().double().numpy(), b.detach().cpu().double().numpy().copy(),
+                      iterations)
+        return out
+
+
+def fit_softmax_path(blocks: Blocks, labels: np.ndarray, num_classes: int, d: int, cs: list[float], *,
+                     class_weight: np.ndarray | None, tol: float, max_iter: int, device: torch.device,
+                     on_device: bool = False) -> tuple[dict[float, tuple[np.ndarray, np.ndarray, int]], np.ndarray,
+                                                        np.ndarray]:
+    """Solves the objective for every C, warm-starting each from the previous (C ascending); see
+    :class:`SoftmaxPath` for the arguments.
 
     Returns:
         ({C: (coef K x D, intercept K, iterations)} in standardised space, mean, scale).
     """
-    mean, scale = standardizer(blocks, d)
-    row_weight = np.ones(len(labels)) if class_weight is None else class_weight[labels]
-    objective = _Objective(blocks, labels, row_weight, mean, scale, device)
-    if on_device:
-        objective.keep_on_device()
-    precond = torch.from_numpy(_whitener(blocks, len(labels), mean, scale).astype(np.float32)).to(device)
-    objective.precond = precond
-    w = torch.zeros(num_classes, d, device=device)  # u, the solver's variable: W = u P
-    b = torch.zeros(num_classes, device=device)
-    # scikit-learn's binary model is one vector; the symmetric two-row softmax matches it at half the C
-    c_factor = 0.5 if num_classes == 2 else 1.0
-    # Large data: the first C (the hardest solve, from zero) starts on every 8th row, C scaled so that the penalty
-    # per row is the same: its solution is close to the full one at an eighth of the cost per evaluation.
-    if len(labels) >= SUBSAMPLE_EVERY * SUBSAMPLE_MIN_ROWS:
-        sub = _subsample(blocks, labels, row_weight, mean, scale, device)
-        sub.precond = precond
-        iterations, _ = _lbfgs(sub, w, b, min(cs) * c_factor * sub.total_weight / objective.total_weight, tol,
-                               max_iter)
-        log.info("logreg (torch): warm start on %d rows (C=%g) in %d iterations", len(sub.labels), min(cs),
-                 iterations)
-    out: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
-    warm = False  # (w, b) = 0 or the subsample's solution: the first C stops at tol
-    for c in sorted(cs):
-        c_reg = c * c_factor
-        # a later C starts from the previous C's solution and must bring the gradient to 0.3x what the change of C
-        # alone puts there, not merely below tol (see WARM_START_REDUCTION)
-        stop, start_value = _warm_stop(objective, w, b, c_reg, tol) if warm else (None, None)
-        iterations, evaluations = _lbfgs(objective, w, b, c_reg, stop or tol, max_iter, start_value=start_value)
-        warm = True
-        if iterations >= max_iter:
-            log.warning("logreg (torch): C=%g stopped at max_iter=%d before the gradient reached tol=%g", c,
-                        max_iter, tol)
-        log.info("logreg (torch): C=%g solved in %d iterations (%d evaluations over the data)", c, iterations,
-                 evaluations)
-        out[c] = ((w @ precond).cpu().double().numpy(), b.detach().cpu().double().numpy().copy(), iterations)
-    return out, mean, scale
+    path = SoftmaxPath(blocks, labels, num_classes, d, class_weight=class_weight, tol=tol, max_iter=max_iter,
+                       device=device, on_device=on_device)
+    return path.solve(cs), path.mean, path.scale
 
 
 def _warm_stop(objective: _Objective, w: torch.Tensor, b: torch.Tensor, c_reg: float,
