@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pipeline.core.heads.fewshot import PROBES
 from pipeline.infra.artifacts import atomic_path
 
 SPLITS = ("val", "test")
@@ -21,6 +22,13 @@ def _shots(fewshot: dict) -> list[int]:
     return sorted(int(k) for k in fewshot["results"])
 
 
+def _probes(fewshot: dict, k: int) -> list[str]:
+    """The probes of a k in one fixed order (the JSON file sorts its keys, the stage's own dict does not), so the
+    stage's figure and the report's have the same colours."""
+    names = list(fewshot["results"][str(k)])
+    return sorted(names, key=lambda p: (PROBES.index(p) if p in PROBES else len(PROBES), p))
+
+
 def write_plot_rows(path: Path, fewshot: dict) -> None:
     """One row per (shots, probe, split): mean accuracy over episodes and its 95 % interval."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,9 +36,9 @@ def write_plot_rows(path: Path, fewshot: dict) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["shots", "probe", "split", "accuracy", "ci95_low", "ci95_high"])
         for k in _shots(fewshot):
-            for probe, by_split in fewshot["results"][str(k)].items():
+            for probe in _probes(fewshot, k):
                 for split in _splits(fewshot):
-                    r = by_split[split]
+                    r = fewshot["results"][str(k)][probe][split]
                     writer.writerow([k, probe, split, f"{r['accuracy']:.6f}", f"{r['accuracy_ci95'][0]:.6f}",
                                      f"{r['accuracy_ci95'][1]:.6f}"])
 
@@ -46,8 +54,7 @@ def plot_fewshot(path: Path, fewshot: dict) -> None:
         if not shots:
             ax.text(0.5, 0.5, "no k fits the smallest class\n(see `skipped` in metrics/fewshot.json)",
                     ha="center", va="center", transform=ax.transAxes, fontsize=8)
-        probes = list(fewshot["results"][str(shots[0])]) if shots else []
-        for probe in probes:
+        for probe in _probes(fewshot, shots[0]) if shots else []:
             rows = [fewshot["results"][str(k)][probe][split] for k in shots]
             line, = ax.plot(shots, [r["accuracy"] for r in rows], "o-", label=probe, markersize=4)
             ax.fill_between(shots, [r["accuracy_ci95"][0] for r in rows], [r["accuracy_ci95"][1] for r in rows],
@@ -86,7 +93,7 @@ def fewshot_section(fewshot: dict, figure: str) -> list[str]:
     if shots:
         header = ["shots", "probe", *[f"{s} accuracy" for s in splits]]
         rows = [[str(k), f"`{p}`", *[_cell(fewshot["results"][str(k)][p][s]) for s in splits]]
-                for k in shots for p in fewshot["results"][str(k)]]
+                for k in shots for p in _probes(fewshot, k)]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
