@@ -198,3 +198,25 @@ def test_config_refuses_bad_values_naming_the_key(tmp_path, text, expected):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_section("fewshot", tmp_path / "params.yaml")
+
+
+@pytest.mark.slow
+def test_dvc_repro_fewshot_skips_the_shots_a_small_class_lacks(tmp_path):
+    """Through real DVC on 3 classes x 12 images (6 train per class): `dvc repro fewshot` runs prepare, extract and
+    fewshot only; 8 and 16 shots are skipped and said; a second repro runs nothing."""
+    import json
+
+    from conftest import TINY as TINY_PARAMS
+    from conftest import dvc, make_dvc_repo, write_digit_folder
+
+    repo = tmp_path / "repo"
+    write_digit_folder(repo / "tiny", classes=3, per_class=12)
+    make_dvc_repo(repo, **{**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "source": "tiny"},
+                           "fewshot": {"episodes": 2}})
+    out = dvc(repo, "repro", "fewshot").stdout
+    assert "Running stage 'fewshot'" in out and "Running stage 'heads@" not in out, out
+    metrics = json.loads((repo / "metrics" / "fewshot.json").read_text())
+    assert sorted(metrics["skipped"], key=int) == ["8", "16"] and metrics["protocol"]["shots"] == [1, 2, 4]
+    assert "6 train images, fewer than 8" in metrics["skipped"]["8"]
+    assert (repo / "plots" / "fewshot.png").is_file() and (repo / "plots" / "fewshot.csv").is_file()
+    assert "Running stage" not in dvc(repo, "repro", "fewshot").stdout
