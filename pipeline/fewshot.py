@@ -5,7 +5,7 @@ across k; each episode's seed is recorded), three probes fitted on each draw (lo
 DINOv2's weighted kNN, the nearest class mean, all on the same pooled features) and scored on the whole of val and
 test. Writes `metrics/fewshot.json` (mean accuracy and 95 % t-interval over episodes per k, probe and split, the
 per-episode accuracies, the protocol), `plots/fewshot.csv` (for `dvc plots`) and `plots/fewshot.png`; the evaluate
-stage's report shows the table and the figure. Never reads an image: a few seconds on the default data.
+stage's report shows the table and the figure. Never reads an image: ~20 s on the default data (2 cores).
 
     dvc repro fewshot
     python -m pipeline.fewshot --features data/features.h5 --out metrics/fewshot.json --plots plots
