@@ -4,9 +4,10 @@ plots, and a report a person reads.
 Writes `metrics/evaluate.json` (DVC metrics); for DVC plots, confusion-matrix rows (`actual,predicted` per image) of
 each model on the test split when there is one, else on val, `plots/heads.csv` (val accuracy per head) and
 `plots/misclassified.png` (a few misclassified val images); and `report/report.md` with its figures. The backbone
-comparison is the compare stage's own (metrics/sweep.json, plots/sweep.png): this stage never waits for it.
+comparison is the compare stage's own (metrics/sweep.json, plots/sweep.png): this stage never waits for it. The
+few-shot results are the `fewshot` stage's (metrics/fewshot.json): the report shows their table and figure.
 
-    python -m pipeline.evaluate --out metrics/evaluate.json --plots plots
+    python -m pipeline.evaluate --out metrics/evaluate.json --plots plots --fewshot metrics/fewshot.json
 """
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for the DVC plots (confusion CSVs, heads.csv, misclassified.png)")
     parser.add_argument("--report", type=Path, default=Path("report"),
                         help="folder for report.md and its figures (default: %(default)s)")
+    parser.add_argument("--fewshot", type=Path, default=Path("metrics/fewshot.json"),
+                        help="the fewshot stage's metrics, shown in the report; 'none' to leave them out "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     finetuned = None if str(args.finetuned) == "none" else args.finetuned
-    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots, args.report)
+    fewshot = None if str(args.fewshot) == "none" else args.fewshot
+    result = evaluate(args.index, args.features, args.heads_dir, args.selected, finetuned, args.plots, args.report,
+                      fewshot)
     write_json(args.out, result)
     for model in ("best_head", "finetune"):
         if model in result:

@@ -21,7 +21,8 @@ from pipeline.infra.config import SECTIONS, defaults, output_keys  # noqa: E402
 
 STAGES = sorted(p.stem for p in (REPO / "pipeline").glob("*.py") if p.stem != "__init__")
 # which sections' output keys each DVC stage must list under `params` (heads@item lists its own section)
-STAGE_SECTIONS = {"prepare": ["data"], "extract": ["backbone", "extract"], "finetune": ["backbone", "finetune"]}
+STAGE_SECTIONS = {"prepare": ["data"], "extract": ["backbone", "extract"], "finetune": ["backbone", "finetune"],
+                  "fewshot": ["fewshot"]}
 
 
 def _package_modules() -> list[tuple[str, Path]]:
@@ -191,7 +192,7 @@ def test_dvc_yaml_lists_exactly_the_keys_that_change_each_output():
                    for k in stages["extract"]["params"])
 
 
-@pytest.mark.parametrize("stage", ["extract", "heads", "finetune", "prepare"])
+@pytest.mark.parametrize("stage", ["extract", "heads", "finetune", "prepare", "fewshot"])
 def test_help_lists_the_params_with_the_code_defaults(stage):
     out = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout

@@ -368,6 +368,48 @@ class SweepConfig:
                                   "each one names its folders under data/sweep/")
 
 
+MAX_SHOTS = 10_000       # few-shot: train images per class in one episode
+MAX_EPISODES = 10_000    # few-shot: episodes per number of shots (each fits three probes)
+
+
+@dataclasses.dataclass(frozen=True)
+class FewshotConfig:
+    """Few-shot episodes on the feature cache (pipeline/core/heads/fewshot.py): for each k of `shots`, `episodes`
+    draws of k train images per class, three probes fitted on each draw and scored on the whole of val and test.
+
+    `seed` seeds the draws (each episode's own seed is derived from it and recorded in metrics/fewshot.json).
+    `pooling`: the cached features every probe reads (`auto`: logreg's choice, avg for feature maps and pre_logits
+    for token backbones). Probes: logistic regression on standardised features with one fixed `C` (no C search: a
+    k-shot protocol has no val set of its own to pick it on; `max_iter` bounds its solver), DINOv2's weighted kNN
+    with `knn_k` neighbours (at most the episode's k x classes rows) and temperature `knn_T`, and the nearest class
+    mean (cosine, no settings). A k above the smallest class's train count is skipped, with a log line.
+    """
+
+    shots: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16])
+    episodes: int = 10
+    seed: int = 0
+    pooling: Literal["auto", "avg", "catavgmax", "pre_logits"] = "auto"
+    C: float = 1.0
+    max_iter: int = 1000
+    knn_k: int = 20
+    knn_T: float = 0.07
+
+    def validate(self, prefix: str) -> None:
+        if not self.shots:
+            raise ConfigError(f"{prefix}.shots must list at least one value")
+        if len(set(self.shots)) != len(self.shots):
+            raise ConfigError(f"{prefix}.shots lists a value twice: {self.shots}")
+        for k in self.shots:
+            _check_range(f"{prefix}.shots", k, 1, MAX_SHOTS)
+        # the 95 % interval is a t-interval over episodes: it needs at least two
+        _check_range(f"{prefix}.episodes", self.episodes, 2, MAX_EPISODES)
+        _check_range(f"{prefix}.seed", self.seed, 0, MAX_SEED)
+        _check_range(f"{prefix}.C", self.C, 0.0, low_open=True)
+        _check_range(f"{prefix}.max_iter", self.max_iter, 1, MAX_ITER)
+        _check_range(f"{prefix}.knn_k", self.knn_k, 1, MAX_NEIGHBOURS)
+        _check_range(f"{prefix}.knn_T", self.knn_T, 0.0, low_open=True)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "backbone": BackboneConfig,
@@ -375,6 +417,7 @@ SECTIONS: dict[str, type] = {
     "heads": HeadsConfig,
     "finetune": FinetuneConfig,
     "sweep": SweepConfig,
+    "fewshot": FewshotConfig,
 }
 
 

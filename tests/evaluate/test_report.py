@@ -122,3 +122,35 @@ def test_evaluate_scores_a_selected_knn_head(tiny_cache, tmp_path):
     assert result["best_head"]["name"] == "knn" and result["best_head"]["val"] == metrics["val"]
     assert "accuracy_ci95" in result["best_head"]["test"]
     assert "| `knn` |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_shows_the_fewshot_table_and_figure(tiny_cache, tmp_path):
+    """With the fewshot stage's metrics, the report gains its section: one row per (k, probe) with both splits'
+    mean accuracy and interval as stored, and the figure drawn into report/; a missing file names its stage."""
+    import pytest
+
+    from pipeline.core.evaluate.evaluation import evaluate
+    from pipeline.core.heads.fewshot import run_fewshot
+    from pipeline.core.heads.fitting import fit_head, save_head
+    from pipeline.core.heads.selection import select_head
+    from pipeline.infra.artifacts import write_json
+    from pipeline.infra.config import FewshotConfig, load_section
+    from pipeline.infra.errors import PipelineError
+
+    module, spec, metrics = fit_head("knn", tiny_cache["features"], load_section("heads", tiny_cache["params"]).knn)
+    save_head(tmp_path / "heads" / "knn", module, spec)
+    write_json(tmp_path / "selected.json", select_head({"knn": metrics}))
+    fewshot = run_fewshot(tiny_cache["features"], FewshotConfig(shots=[1, 2], episodes=2))
+    write_json(tmp_path / "fewshot.json", fewshot)
+    args = (tiny_cache["index"], tiny_cache["features"], tmp_path / "heads", tmp_path / "selected.json", None,
+            tmp_path / "plots", tmp_path / "report")
+    evaluate(*args, fewshot=tmp_path / "fewshot.json")
+    text = (tmp_path / "report" / "report.md").read_text()
+    cell = fewshot["results"]["2"]["ncm"]
+    row = (f"| 2 | `ncm` | {100 * cell['val']['accuracy']:.2f} % [{100 * cell['val']['accuracy_ci95'][0]:.2f}, "
+           f"{100 * cell['val']['accuracy_ci95'][1]:.2f}] | {100 * cell['test']['accuracy']:.2f} %")
+    assert "## Few-shot" in text and row in text and "![few-shot](fewshot.png)" in text
+    assert text.index("## Few-shot") < text.index("## Reproduce")
+    assert (tmp_path / "report" / "fewshot.png").is_file()
+    with pytest.raises(PipelineError, match="written by the `fewshot` stage"):
+        evaluate(*args, fewshot=tmp_path / "absent.json")

@@ -1,7 +1,8 @@
 """Scoring the selected head and the fine-tuned model on val (and test), and writing the plots and the report.
 
 Outputs: confusion-matrix rows (`actual,predicted` per image) of each model on the test split when there is one, else
-on val; `heads.csv` (val accuracy per head); `misclassified.png`; and `report.md` with its figures.
+on val; `heads.csv` (val accuracy per head); `misclassified.png`; and `report.md` with its figures, including the
+few-shot table and figure when given the `fewshot` stage's metrics (read, never recomputed here).
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from torch.utils.data import DataLoader
 from pipeline.core.data.images import ImageDataset, eval_transform, load_rgb
 from pipeline.core.data.index import ImageLimits, image_limits, read_index
 from pipeline.core.evaluate import report
+from pipeline.core.evaluate.fewshot_report import fewshot_section, plot_fewshot
 from pipeline.core.features.cache import read_attrs, read_split
 from pipeline.core.finetune.network import load_finetuned, predict_logits
 from pipeline.core.heads.fitting import head_logits, load_head
 from pipeline.core.heads.metrics import confusion_matrix, row_scores, split_metrics
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_csv
+from pipeline.infra.errors import PipelineError
 from pipeline.infra.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -72,8 +75,11 @@ def score_finetuned(finetuned: Path, rows: list[dict], source: str, splits: list
 
 
 def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, finetuned: Path | None,
-             plots: Path, report_dir: Path | None = None) -> dict:
-    """Scores both models on every evaluation split present; writes plots and the report; returns the metrics."""
+             plots: Path, report_dir: Path | None = None, fewshot: Path | None = None) -> dict:
+    """Scores both models on every evaluation split present; writes plots and the report; returns the metrics.
+
+    `fewshot`: the `fewshot` stage's metrics file; the report gains its table and figure (None: no such section).
+    """
     rows, meta = read_index(index_dir)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
     choice = read_json(selected)
@@ -84,8 +90,12 @@ def evaluate(index_dir: Path, features: Path, heads_dir: Path, selected: Path, f
     if "finetune" in models:
         result["finetune"] = models["finetune"].metrics
     write_plots(plots, meta, rows, choice, models, splits[-1])
+    if fewshot is not None and not Path(fewshot).is_file():
+        raise PipelineError(f"{fewshot} not found: it is written by the `fewshot` stage; run `dvc repro fewshot`, "
+                            "or pass --fewshot none to leave the few-shot section out of the report")
     if report_dir is not None:
-        write_report(report_dir, meta, read_attrs(features), choice, result, models, splits[-1], finetuned)
+        write_report(report_dir, meta, read_attrs(features), choice, result, models, splits[-1], finetuned,
+                     read_json(fewshot) if fewshot is not None else None)
     return result
 
 
@@ -106,8 +116,8 @@ def write_plots(plots: Path, meta: dict, rows: list[dict], choice: dict, models:
 
 
 def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result: dict, models: dict[str, Scores],
-                 plot_split: str, finetuned: Path | None) -> None:
-    """report.md and its figures (heads bar chart, confusion matrices, fine-tune curves)."""
+                 plot_split: str, finetuned: Path | None, fewshot: dict | None = None) -> None:
+    """report.md and its figures (heads bar chart, confusion matrices, fine-tune curves, few-shot curves)."""
     classes = meta["classes"]
     figures = {"heads": "heads.png", "misclassified": "../plots/misclassified.png"}
     report.plot_heads(report_dir / "heads.png", choice["ranking"])
@@ -125,8 +135,13 @@ def write_report(report_dir: Path, meta: dict, attrs: dict, choice: dict, result
     matrix = confusion_matrix(best.labels[plot_split], best.predicted[plot_split], len(classes))
     shown = {**result, "classes": classes, "per_class_split": plot_split,
              "most_confused": report.most_confused(matrix, classes)}
+    extra: list[str] = []
+    if fewshot is not None:
+        # drawn again from the metrics into report/, so the report's folder holds every figure it shows
+        plot_fewshot(report_dir / "fewshot.png", fewshot)
+        extra = fewshot_section(fewshot, "fewshot.png")
     report.write_markdown(report_dir / "report.md", meta=meta, attrs=attrs, selected=choice, result=shown,
-                          finetune_info=info, figures=figures)
+                          finetune_info=info, figures=figures, extra=extra)
 
 
 def write_confusion(path: Path, classes: list[str], labels: np.ndarray, predicted: np.ndarray) -> None:

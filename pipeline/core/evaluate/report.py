@@ -304,12 +304,16 @@ _REPRODUCE = [
 
 
 def write_markdown(path: Path, *, meta: dict, attrs: dict, selected: dict, result: dict, finetune_info: dict | None,
-                   figures: dict[str, str]) -> None:
-    """report.md: data, backbone, heads, fine-tune, best model, figures, how to reproduce."""
+                   figures: dict[str, str], extra: Sequence[str] = ()) -> None:
+    """report.md: data, backbone, heads, fine-tune, best model, figures, how to reproduce.
+
+    `extra`: the lines of further sections, placed after the result (the few-shot section,
+    pipeline/core/evaluate/fewshot_report.py, which imports this module and so is composed by the caller).
+    """
     parts = [*_HEADER, *_data_section(meta), *_backbone_section(attrs), *_heads_section(selected, figures)]
     if finetune_info is not None:
         parts += _finetune_section(finetune_info, figures)
-    parts += [*_result_section(result, figures), *_REPRODUCE]
+    parts += [*_result_section(result, figures), *extra, *_REPRODUCE]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(parts))
