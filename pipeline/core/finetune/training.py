@@ -36,8 +36,8 @@ from pipeline.core.finetune.portable_conv import training_convolutions
 from pipeline.core.heads.divergence import check_finite_loss
 from pipeline.core.heads.fitting import build_head, check_head_features, head_logits, load_head
 from pipeline.core.heads.intervals import wilson_interval
-from pipeline.core.heads.selection import warm_start_head
 from pipeline.core.heads.metrics import split_metrics
+from pipeline.core.heads.selection import warm_start_head
 from pipeline.core.models.preprocessing import resolve_image_size
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import read_json, write_json

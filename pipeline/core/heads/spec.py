@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # Key of a fit's details holding the model whose train and val scores the metrics report, when that is not the saved
 # model (logreg's `refit: true`: the saved model has seen val, the train-only fit at the chosen C is what was
 # selected). fit_head pops it before the details go into head.json.
