@@ -8,8 +8,9 @@ writes, per data set and sampler: the val accuracy of the best point of each sea
 seeds; the grid has no seed and is run once), the median trial's val accuracy, and the best-so-far curve (median over
 seeds) to a figure.
 
-Data sets: `digits` is the default pipeline's features (data/features.h5 after `dvc repro`); `hymenoptera` is
+Data sets: `digits` is the default pipeline's features (a copy of data/features.h5 after `dvc repro`); `hymenoptera` is
 extracted here once (prepare + extract through the stages' entry points, bundled Lite0 at 224 px, cached in --work).
+Each search keeps its study journal in --work, so a run cut short resumes; time figures then cover the rest only.
 
     python bench/samplers.py                                   # digits + hymenoptera, 30 trials, 5 seeds
     python bench/samplers.py --data digits --trials 12 --seeds 2
@@ -22,9 +23,9 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,14 +71,25 @@ def hymenoptera_features(work: Path) -> Path:
     return features
 
 
-def search(features: Path, base, specs: list[str], sampler: str, seed: int, trials: int | None) -> list[dict]:
-    """One search's rows (val accuracy per trial, in trial order), through pipeline.search's own code."""
+def search(features: Path, base, specs: list[str], sampler: str, seed: int, trials: int | None,
+           out: Path) -> list[dict]:
+    """One search's rows (val accuracy per trial, in trial order), through pipeline.search's own code; its study
+    journal in `out`, so a run cut short resumes where it stopped (the trials are the same either way)."""
     space = parse_space(specs, base, "heads.mlp")
     total = budget(space, sampler, trials)
-    with tempfile.TemporaryDirectory() as out:
-        study = open_study(Path(out), "mlp", base, features, space, sampler, seed)
-        rows, _ = run_search("mlp", features, base, study, total)
+    study = open_study(out, "mlp", base, features, space, sampler, seed)
+    rows, _ = run_search("mlp", features, base, study, total)
     return rows
+
+
+def digits_features(work: Path) -> Path:
+    """A copy of the default pipeline's features (a `dvc repro` running meanwhile replaces data/features.h5)."""
+    src, copy = REPO / "data" / "features.h5", work / "digits" / "features.h5"
+    if not src.exists():
+        raise SystemExit(f"{src} is absent: run `dvc repro` first")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, copy)
+    return copy
 
 
 def best_so_far(rows: list[dict]) -> list[float]:
@@ -102,12 +114,14 @@ def main() -> None:
     results: dict = {"machine": machine(), "trials": args.trials, "seeds": args.seeds, "ranges": RANGES,
                      "grid": GRID, "data": {}}
     for name in args.data:
-        features = REPO / "data" / "features.h5" if name == "digits" else hymenoptera_features(args.work)
+        features = digits_features(args.work) if name == "digits" else hymenoptera_features(args.work)
         runs: dict = {}
         t0 = time.perf_counter()
-        runs["grid"] = [search(features, base, GRID, "grid", 0, None)]
+        studies = args.work / name / "studies"
+        runs["grid"] = [search(features, base, GRID, "grid", 0, None, studies / "grid")]
         for sampler in ("random", "tpe"):
-            runs[sampler] = [search(features, base, RANGES, sampler, seed, args.trials) for seed in range(args.seeds)]
+            runs[sampler] = [search(features, base, RANGES, sampler, seed, args.trials, studies / f"{sampler}-{seed}")
+                             for seed in range(args.seeds)]
         results["data"][name] = {
             s: {"best": [max(r["val_accuracy"] for r in rows) for rows in rs],
                 "median_trial": [statistics.median(r["val_accuracy"] for r in rows) for rows in rs],
