@@ -312,7 +312,7 @@ def test_bench_extract_with_its_cycled_larger_n_runs(tmp_path):
                            "--threads", "1", "--device", "cpu", "--workdir", str(tmp_path / "work")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| pipeline, larger N (peak RSS check) | 15 |" in proc.stdout
+    assert "| pipeline, larger N (peak RSS check, decode pil) | 15 |" in proc.stdout
     assert "pipeline parts alone: input path " in proc.stdout  # the parts' model timing unpacked two feature sets
     assert not (tmp_path / "work" / "feature_store").exists()
     import csv
