@@ -9,7 +9,8 @@ and its parts are timed alone (input path, input + device preprocessing, model) 
   the network in NCHW fp32 under torch.no_grad + `Z = torch.cat((Z, feats))` accumulation, as in the tutorials;
 - pipeline: `pipeline.extract.extract_features` writing the HDF5 file (checkpoints, assembly and rename included).
 
-Model build time is excluded from both. Files are read once beforehand so both find them in the page cache.
+Model build time is excluded from both. A second table splits each pipeline run's whole wall time (model build
+included): to the first batch, the steady rate after it, and after the last batch (the fixed cost, issue 27). Files are read once beforehand so both find them in the page cache.
 
 `--decode` takes several values (`--decode pil,torchcodec,torchvision`): the textbook loop, then the pipeline once
 per route, side by side in one table (the parts and the larger-N RSS check for the first value only).
@@ -189,8 +190,10 @@ def child_pipeline(a: argparse.Namespace) -> dict:
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     features = _features_sha256(out)
     out.unlink()
+    split = {k: summary[k] for k in ("wall_s", "first_batch_s", "steady_s", "steady_rows", "steady_img_per_s",
+                                     "after_last_batch_s")}
     return {"rows": summary["rows"], "seconds": summary["seconds"], "file_mb": size / 2**20, "sha256": digest,
-            "features_sha256": features, **_peak_rss_mb()}
+            "features_sha256": features, **split, **_peak_rss_mb()}
 
 
 def _features_sha256(path: Path) -> str:
@@ -499,6 +502,8 @@ def _drive(a: argparse.Namespace) -> None:
         print(f"| {name} | {r['rows']} | {r['seconds']:.2f} | {rate[k]:.1f} | {r['rss_main_mb']:.0f} MB "
               f"| {r['rss_worker_mb']:.0f} MB |")
     print()
+    _print_time_split([*((f"decode {d}", r) for d, r in best.items()), (f"larger N, decode {first}", pipeline2)])
+    print()
     for d in decodes:
         print(f"speed-up pipeline (decode {d}) / textbook: {rate[f'p:{d}'] / rate['t']:.2f}x")
     if tuned:
@@ -520,6 +525,21 @@ def _drive(a: argparse.Namespace) -> None:
             shared = 1 / (1 / parts["input_device_img_s"] + 1 / parts["model_img_s"])
             print(f"CPU: parts share the cores, so the bound is 1/(1/input+preprocessing + 1/model) = {shared:.0f} "
                   f"img/s; end to end reaches {100 * rate['p'] / shared:.0f}% of it")
+
+
+def _print_time_split(runs: list[tuple[str, dict]]) -> None:
+    """The pipeline's time split (issue 27), one row per run: wall time of extract_features (model build included,
+    unlike the table above) = time to the first batch's features on the host + the batches after it + the time after
+    the last batch (store write-back, HDF5 assembly, rename). The first and last parts are the fixed cost; the steady
+    img/s is the rate a larger N approaches."""
+    print("| pipeline run | wall s | to first batch s | steady s | steady img/s (rows) | after last batch s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in runs:
+        if r["first_batch_s"] is None:
+            continue
+        steady = "-" if r["steady_img_per_s"] is None else f"{r['steady_img_per_s']:.1f} ({r['steady_rows']})"
+        print(f"| {name} | {r['wall_s']:.2f} | {r['first_batch_s']:.2f} | {r['steady_s']:.2f} | {steady} "
+              f"| {r['after_last_batch_s']:.2f} |")
 
 
 def compare_decoders(a: argparse.Namespace, index: Path) -> None:

@@ -56,10 +56,30 @@ def main(argv: list[str] | None = None) -> None:
     runlog.note(images=summary["rows"], images_extracted=summary["rows_extracted"],
                 images_resumed=summary["rows_resumed"],
                 images_reused=summary["rows_reused"], img_per_s=round(summary["img_per_s"], 2),
-                device=summary["device"], world_size=summary["world_size"], precision=cfg.precision)
-    log.info("extract: %d images in %.1f s (%.1f img/s per process, %d resumed) on %s x %d, %s %s -> %s",
+                device=summary["device"], world_size=summary["world_size"], precision=cfg.precision,
+                **{k: _rounded(summary[k]) for k in TIME_SPLIT})
+    log.info("extract: %d images in %.1f s (%.1f img/s per process, %d resumed) on %s x %d, %s %s -> %s; %s",
              summary["rows_extracted"], summary["seconds"], summary["img_per_s"], summary["rows_resumed"],
-             summary["device"], summary["world_size"], backbone.name, cfg.precision, args.out)
+             summary["device"], summary["world_size"], backbone.name, cfg.precision, args.out, time_split(summary))
+
+
+# The summary's time split (issue 27): where a run's fixed cost goes, noted in the run record (runs/extract.json).
+TIME_SPLIT = ("wall_s", "first_batch_s", "steady_img_per_s", "after_last_batch_s")
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def time_split(summary: dict) -> str:
+    """The summary's time split in words, e.g. "12.3 s in all: 5.1 s to the first batch, then 120.4 img/s, 0.8 s
+    after the last batch" (a run with nothing through the backbone has no batch parts)."""
+    if summary["first_batch_s"] is None:
+        return f"{summary['wall_s']:.1f} s in all, no batch run"
+    steady = ("one batch only" if summary["steady_img_per_s"] is None
+              else f"then {summary['steady_img_per_s']:.1f} img/s over {summary['steady_rows']} rows")
+    return (f"{summary['wall_s']:.1f} s in all: {summary['first_batch_s']:.1f} s to the first batch, {steady}, "
+            f"{summary['after_last_batch_s']:.1f} s after the last batch")
 
 
 if __name__ == "__main__":

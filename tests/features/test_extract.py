@@ -112,6 +112,42 @@ def test_rerun_and_batch_size_workers_checkpoints_give_identical_bytes(digits60,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.h5", "other.h5"]  # no partial, no temp file left
 
 
+def test_summary_splits_the_wall_time_and_the_stage_logs_and_records_it(digits60, tmp_path: Path, monkeypatch,
+                                                                         caplog):
+    """Issue 27: the time to the first batch, the steady rate after it and the time after the last batch, in the
+    summary (parts summing to the wall time), the stage's log line and its run record; the bytes are unchanged."""
+    from pipeline import extract
+    from pipeline.infra import runlog
+
+    notes: dict = {}
+    monkeypatch.setattr(runlog, "note", lambda **values: notes.update(values))
+    summaries = []
+    real = ex.extract_features
+    monkeypatch.setattr(extract, "extract_features", lambda *a: summaries.append(real(*a)) or summaries[-1])
+    out = tmp_path / "split.h5"
+    params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
+                          extract={"workers": 0, "batch_size": 16, "store": None})
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        extract.main(["--params", str(params), "--index", str(digits60["index"]), "--out", str(out)])
+    assert sha256(out) == sha256(digits60["ref"])  # waiting for the first batch at once changes no byte
+    [s] = summaries
+    assert s["first_batch_s"] > 0 and s["after_last_batch_s"] > 0 and s["steady_s"] >= 0
+    assert s["steady_rows"] == 60 - 16 and s["steady_img_per_s"] > 0  # batches 2-4 (16, 16, 12 rows)
+    parts = s["first_batch_s"] + s["steady_s"] + s["after_last_batch_s"]
+    assert parts == pytest.approx(s["wall_s"], rel=1e-6, abs=1e-6)
+    assert s["wall_s"] >= s["seconds"]  # `seconds` starts after the backbone is built
+    assert {k: notes[k] for k in extract.TIME_SPLIT} == {k: round(s[k], 3) for k in extract.TIME_SPLIT}
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: 60 images in")]
+    assert f"{s['first_batch_s']:.1f} s to the first batch, then {s['steady_img_per_s']:.1f} img/s over 44 rows" \
+        in line and "after the last batch" in line
+
+    cfg = ExtractConfig(batch_size=16, workers=0, store=str(tmp_path / "store"))
+    ex.extract_features(digits60["index"], tmp_path / "first.h5", BB32, cfg)
+    again = ex.extract_features(digits60["index"], tmp_path / "again.h5", BB32, cfg)  # every row from the store
+    assert again["rows_extracted"] == 0 and again["first_batch_s"] is None  # nothing to run: no batch parts
+    assert "no batch run" in extract.time_split(again)
+
+
 def test_features_equal_a_direct_forward_in_index_order(digits60):
     rows, meta = read_index(digits60["index"])
     net, pre, _ = build_backbone(BB32)

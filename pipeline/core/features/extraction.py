@@ -194,6 +194,46 @@ class _Reuse:
             self.damaged += ids[~ok].tolist()
 
 
+class _Clock:
+    """When an extraction's milestones happen, for the summary's time split (issue 27: on an H200 ~6 s of each run
+    was fixed cost, and one total could not say where it went).
+
+    Three parts that sum to the wall time of :func:`extract_features`: up to the first batch's features on the host
+    (backbone build and weights, device and JPEG decoder set-up, checkpoint plan, DataLoader worker start-up, first
+    decode and forward), the batches after the first (the steady rate), and after the last batch (store write-back,
+    HDF5 assembly from the checkpoints, rename, eviction).
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None  # when the first batch's features were on the host
+        self.last: float | None = None  # when the last one's were
+        self.first_rows = 0
+        self.rows = 0
+
+    def batch_done(self, rows: int) -> None:
+        """Notes that a batch of `rows` rows has reached the host (and the checkpoint writer)."""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first, self.first_rows = now, rows
+        self.last = now
+        self.rows += rows
+
+    def split(self) -> dict:
+        """The time split up to now: wall_s = first_batch_s + steady_s + after_last_batch_s. The batch parts are
+        None when no row ran through the backbone (all resumed or reused); then after_last_batch_s is the wall time
+        after setting up."""
+        end = time.perf_counter()
+        if self.first is None or self.last is None:
+            return {"wall_s": end - self.start, "first_batch_s": None, "steady_s": None, "steady_rows": 0,
+                    "steady_img_per_s": None, "after_last_batch_s": None}
+        steady_s, steady_rows = self.last - self.first, self.rows - self.first_rows
+        return {"wall_s": end - self.start, "first_batch_s": self.first - self.start, "steady_s": steady_s,
+                "steady_rows": steady_rows,
+                "steady_img_per_s": steady_rows / steady_s if steady_rows and steady_s > 0 else None,
+                "after_last_batch_s": end - self.last}
+
+
 @dataclass(frozen=True)
 class _Images:
     """The indexed images of one extraction: where they are, the index rows, and the limits prepare vetted them
@@ -206,9 +246,10 @@ class _Images:
 
 def _run_backbone(net: FeatureNet, pre: Preprocess, images: _Images, ids: list[int],
                   writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device, reuse: _Reuse | None,
-                  shards: ShardWriter | None, jpeg_decoder: str | None) -> int:
+                  shards: ShardWriter | None, jpeg_decoder: str | None, clock: _Clock | None = None) -> int:
     """Runs the rows `ids` (in index order) through the backbone into the checkpoint writer (and the store);
-    `jpeg_decoder`: the JPEG route's decoder (:func:`choose_jpeg_decoder`), None for `decode: pil`."""
+    `jpeg_decoder`: the JPEG route's decoder (:func:`choose_jpeg_decoder`), None for `decode: pil`; `clock` notes
+    when each batch reaches the host."""
     if not ids:
         return 0
     rows = images.rows
@@ -223,11 +264,25 @@ def _run_backbone(net: FeatureNet, pre: Preprocess, images: _Images, ids: list[i
                 reuse.fill_up_to(int(batch.ids.max()))
             current = _InFlight.start(batch.ids.numpy(), forward_pooled(net, to_input(batch), cfg.precision == "bf16"))
             if pending is not None:  # the previous batch's copy has had this batch's queueing time to land
-                bar.update(pending.finish(writer, rows, shards))
+                bar.update(_finish(pending, writer, rows, shards, clock))
             pending = current
+            if clock is not None and clock.first is None:
+                # the very first batch is waited for at once, so the clock sees when its features are on the host
+                # (a GPU's forward is asynchronous); one batch less of overlap, the same rows in the same order
+                bar.update(_finish(pending, writer, rows, shards, clock))
+                pending = None
         if pending is not None:
-            bar.update(pending.finish(writer, rows, shards))
+            bar.update(_finish(pending, writer, rows, shards, clock))
     return len(ids)
+
+
+def _finish(batch: _InFlight, writer: CheckpointWriter, rows: list[dict], shards: ShardWriter | None,
+            clock: _Clock | None) -> int:
+    """:meth:`_InFlight.finish`, noted on the clock; returns the number of rows."""
+    done = batch.finish(writer, rows, shards)
+    if clock is not None:
+        clock.batch_done(done)
+    return done
 
 
 def storable(digest: str) -> bool:
@@ -238,20 +293,21 @@ def storable(digest: str) -> bool:
 
 def _run_rows(net: FeatureNet, pre: Preprocess, images: _Images, todo: Sequence[tuple[int, int]],
               writer: CheckpointWriter, cfg: ExtractConfig, device: torch.device,
-              store: FeatureStore | None = None, jpeg_decoder: str | None = None) -> tuple[int, int]:
+              store: FeatureStore | None = None, jpeg_decoder: str | None = None,
+              clock: _Clock | None = None) -> tuple[int, int]:
     """Extracts the rows of the checkpoints `todo`, taking what the store holds from it; returns (rows run through
     the backbone, rows reused from the store)."""
     if store is None:
         ran = _run_backbone(net, pre, images, [i for s in todo for i in range(*s)], writer, cfg, device, None, None,
-                            jpeg_decoder)
+                            jpeg_decoder, clock)
         writer.check_complete()
         return ran, 0
     reuse = _Reuse(store, images.rows, todo, writer)
     shards = ShardWriter(store, cfg.checkpoint_rows, cfg.dtype)
-    ran = _run_backbone(net, pre, images, reuse.compute, writer, cfg, device, reuse, shards, jpeg_decoder)
+    ran = _run_backbone(net, pre, images, reuse.compute, writer, cfg, device, reuse, shards, jpeg_decoder, clock)
     reuse.fill_up_to(len(images.rows))  # the spans after the last new row
     if reuse.damaged:  # rows whose stored copy failed its digest: computed again, never trusted
-        ran += _run_backbone(net, pre, images, reuse.damaged, writer, cfg, device, None, shards, jpeg_decoder)
+        ran += _run_backbone(net, pre, images, reuse.damaged, writer, cfg, device, None, shards, jpeg_decoder, clock)
     shards.flush()
     writer.check_complete()
     return ran, reuse.reused
@@ -276,15 +332,19 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
     """Writes the features file for every row of the index (resuming a partial run); returns a summary.
 
     Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
-    auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used.
+    auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used. The
+    summary's time split (`wall_s` = `first_batch_s` + `steady_s` + `after_last_batch_s`, and `steady_img_per_s`)
+    says how much of a run is fixed cost (see :class:`_Clock`); `seconds` and `img_per_s` start after the backbone
+    is built, as before.
 
     Raises:
         OutputLockedError: another run is writing `out` (rank 0 holds the output's lock for the whole run, so a
             second run stops before touching the checkpoints the first one is writing and assembling).
     """
+    clock = _Clock()  # started before the lock: waiting for it is part of the fixed cost a caller sees
     lock = exclusive_output(out) if dist_info().is_main else contextlib.nullcontext()
     with lock:
-        return _extract(Path(index_dir), Path(out), backbone, cfg)
+        return _extract(Path(index_dir), Path(out), backbone, cfg, clock)
 
 
 def _file_attrs(net: FeatureNet, pre: Preprocess, weights_sha: str, backbone: BackboneConfig, cfg: ExtractConfig,
@@ -351,7 +411,7 @@ def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths:
     return _Plan(partial, spans, mine, resumed)
 
 
-def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
+def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig, clock: _Clock) -> dict:
     """:func:`extract_features` under the output's lock: resolve the size, build the network, plan the checkpoints,
     run (or reuse) the rows, assemble the file, and return the summary."""
     rows, meta = read_index(index_dir)
@@ -379,7 +439,8 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         writer = CheckpointWriter(plan.partial, plan.spans, net.widths, cfg.dtype)
         store = _open_store(cfg, index_dir, fingerprint, info.is_main)
         with retained_heap(enabled=device.type == "cpu"):  # on a GPU the activations are not in host memory
-            extracted, reused = _run_rows(net, pre, images, plan.mine, writer, cfg, device, store, jpeg_decoder)
+            extracted, reused = _run_rows(net, pre, images, plan.mine, writer, cfg, device, store, jpeg_decoder,
+                                          clock)
         if store is not None:
             log.info("extract: %d rows reused from the feature store %s, %d run through the backbone%s", reused,
                      store.folder, extracted, f" (rank {info.rank})" if info.world_size > 1 else "")
@@ -391,7 +452,7 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
                 evict(store.folder.parent, cfg.store_max_gb, keep=store.folder)
         seconds = time.perf_counter() - t0
     return {"rows": len(rows), "rows_extracted": extracted, "rows_resumed": plan.resumed, "rows_reused": reused,
-            "seconds": seconds,
+            "seconds": seconds, **clock.split(),
             "img_per_s": extracted / seconds if seconds > 0 else 0.0, "device": str(device),
             "rank": info.rank, "world_size": info.world_size, "num_features": net.num_features, "widths": net.widths,
             "preprocess": pre.to_dict(), "weights_sha256": weights_sha, "backbone_config": to_dict(backbone),
