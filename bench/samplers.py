@@ -32,6 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+
+from probes import features_224  # noqa: E402
+
 from pipeline.core.heads.search import open_study, run_search  # noqa: E402
 from pipeline.infra.config import load_section  # noqa: E402
 from pipeline.infra.space import parse_space  # noqa: E402
@@ -49,25 +53,10 @@ def machine() -> str:
 
 
 def hymenoptera_features(work: Path) -> Path:
-    """prepare + extract of hymenoptera at the bundled Lite0's own 224 px, once (reused from `work` afterwards)."""
-    import yaml
-
-    from pipeline import extract, prepare  # the stages' own entry points
-
-    features = work / "hymenoptera" / "features.h5"
-    if features.exists():
-        return features
-    if not HYMENOPTERA.is_dir():
+    """Hymenoptera's features at the bundled Lite0's own 224 px, extracted once into `work` (bench/probes.py's)."""
+    features = features_224(HYMENOPTERA, work / "hymenoptera")
+    if features is None:
         raise SystemExit(f"{HYMENOPTERA} is absent: run with --data digits")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = str(HYMENOPTERA)
-    params["backbone"]["image_size"] = None  # the weights' own 224 px
-    path = work / "hymenoptera" / "params.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    prepare.main(["--params", str(path), "--out", str(path.parent / "prepared")])
-    extract.main(["--params", str(path), "--index", str(path.parent / "prepared"), "--out", str(features),
-                  "--store", "none"])
     return features
 
 

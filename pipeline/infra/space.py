@@ -155,3 +155,15 @@ def check_space(base: Any, space: dict[str, Dimension], prefix: str) -> None:
     for key, dim in space.items():
         for value in (dim.values if isinstance(dim, Choice) else (dim.low, dim.high)):
             build(type(base), {**to_dict(base), key: value}, prefix)
+
+
+def yaml_text(value: Any) -> str:
+    """`value` as YAML text that any YAML reader takes for the same value (a `-S` value, a params.yaml entry): a
+    float always with a decimal point and a signed exponent (1.0e-05: YAML 1.1 readers take 1e-05 for a string); the
+    rest as JSON, a subset of YAML."""
+    if isinstance(value, float):
+        mantissa, e, exponent = repr(value).partition("e")  # repr's exponent is always signed: 1e-05, 1e+16
+        return (mantissa if "." in mantissa else f"{mantissa}.0") + e + exponent
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_text(v) for v in value) + "]"
+    return json.dumps(value)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.infra.config import to_dict
 from pipeline.infra.errors import PipelineError
-from pipeline.infra.space import Dimension
+from pipeline.infra.space import Dimension, yaml_text
 from pipeline.infra.study import Study
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ def _dvc(repo: Path, *args: str) -> str:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise TuningError(f"`dvc {' '.join(args)}` failed ({proc.returncode}):\n{tail}")
     return proc.stdout
-
-
-def _yaml_value(value: Any) -> str:
-    """A -S value DVC reads back as `value` (YAML flow: floats keep their full repr, lists as JSON)."""
-    return json.dumps(value) if not isinstance(value, float) else repr(value)
 
 
 def head_revision(repo: Path) -> str:
@@ -132,7 +127,7 @@ def run_batch(repo: Path, section: str, names: list[str], points: list[dict], jo
             log.info("tune: %s already exists (an earlier run of this tuning): waiting for it / reading it", name)
             continue
         _dvc(repo, "exp", "run", "--queue", "-n", name, *([target] if target else []),
-             *[x for k, v in point.items() for x in ("-S", f"{section}.{k}={_yaml_value(v)}")])
+             *[x for k, v in point.items() for x in ("-S", f"{section}.{k}={yaml_text(v)}")])
         log.info("tune: queued %s: %s", name, json.dumps(point))
     _dvc(repo, "queue", "start", "-j", str(jobs))
     while True:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.infra.artifacts import read_json, write_csv, write_json
+from pipeline.infra.artifacts import read_json
 from pipeline.infra.config import MAX_SEED, ConfigError, build, to_dict
-from pipeline.infra.space import Dimension, describe
-from pipeline.infra.study import MAX_TRIALS, Study
+from pipeline.infra.space import Dimension, describe, yaml_text
+from pipeline.infra.study import MAX_TRIALS, Study, write_trials
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,9 @@ def run_search(head: str, features: Path, base: Any, study: Study, total: int) -
     return rows, best
 
 
-def _yaml11(value: Any) -> str:
-    """`value` as YAML text that any YAML reader takes for the same value: a float always with a decimal point and a
-    signed exponent (1.0e-05: YAML 1.1 readers other than params.yaml's take 1e-05 for a string); the rest as JSON."""
-    if isinstance(value, float):
-        mantissa, e, exponent = repr(value).partition("e")  # repr's exponent is always signed: 1e-05, 1e+16
-        return (mantissa if "." in mantissa else f"{mantissa}.0") + e + exponent
-    if isinstance(value, list):
-        return "[" + ", ".join(_yaml11(v) for v in value) + "]"
-    return json.dumps(value)
-
-
 def set_command(head: str, point: dict) -> str:
     """The `dvc exp run` line that runs the pipeline with `point`'s params."""
-    return "dvc exp run " + " ".join(f"-S 'heads.{head}.{k}={_yaml11(v)}'" for k, v in point.items())
+    return "dvc exp run " + " ".join(f"-S 'heads.{head}.{k}={yaml_text(v)}'" for k, v in point.items())
 
 
 def write_results(out: Path, head: str, base: Any, study: Study, rows: list[dict], best: dict) -> None:
@@ -168,14 +157,11 @@ def write_results(out: Path, head: str, base: Any, study: Study, rows: list[dict
                 held = f"heads.{old['head']}, {old['sampler']} over {', '.join(old['space'])}, {len(old['rows'])} points"
         except Exception:  # an unreadable or older file is still replaced; only the description is lost
             held = "unreadable"
-    columns = list(rows[0])
-    write_csv(table, columns, ([json.dumps(row[c]) if isinstance(row[c], list) else row[c] for c in columns]
-                               for row in rows))
     params = {k: best[k] for k in study.space}
-    write_json(result, {"head": head, "sampler": study.sampler, "seed": study.header["seed"], "space": space,
-                        "base": to_dict(base), "rows": rows,
-                        "best": {"point": best["point"], "params": params, **{m: best[m] for m in METRICS},
-                                 "command": set_command(head, params)}})
+    write_trials(out, "search.json", rows, {
+        "head": head, "sampler": study.sampler, "seed": study.header["seed"], "space": space, "base": to_dict(base),
+        "best": {"point": best["point"], "params": params, **{m: best[m] for m in METRICS},
+                 "command": set_command(head, params)}})
     if held is not None:
         log.info("search: replaced %s and %s from another search (%s); give --out DIR to keep each search",
                  table, result, held)
