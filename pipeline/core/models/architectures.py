@@ -6,6 +6,9 @@ layer: the preprocessing resolution and the stale-features check use it without 
 """
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from pipeline.infra.errors import PipelineError
@@ -105,6 +108,19 @@ def architecture_data_cfg(name: str) -> dict:
     weights' metadata. Extraction records it in the features file (`data_cfg`), so that stages checking the file
     can pass it back to the functions below (`data_cfg=`) instead of importing timm (~2 s) to rebuild it.
     """
+    if ":" in name:  # hf-hub: / local-dir: read a config that may change; built each time
+        return _build_data_cfg(name)
+    # A registered name's config is fixed for the process: extraction asks for it up to four times (size
+    # resolution, model build, file attributes), each a meta-device model build (~0.15-0.6 s on a 2-core CPU).
+    return copy.deepcopy(_cached_data_cfg(name))  # a copy: callers may change theirs
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_data_cfg(name: str) -> dict:
+    return _build_data_cfg(name)
+
+
+def _build_data_cfg(name: str) -> dict:
     check_name(name)
     if is_torchvision(name):
         return torchvision_data_cfg(name)

@@ -70,7 +70,10 @@ def bundled_state_dict(arch: str = BUNDLED_ARCH) -> dict[str, torch.Tensor]:
     src_file = getattr(importlib.import_module(module), holder).get_model_file_path()
     src = torch.load(src_file, map_location="cpu", weights_only=True)
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
-    dst = timm.create_model(arch, pretrained=False, num_classes=1000).state_dict()
+    # only the template's key order and shapes are read: built on the meta device, it skips allocating and
+    # randomly initialising a throw-away model (part of extraction's fixed cost, issue 27)
+    with torch.device("meta"):
+        dst = timm.create_model(arch, pretrained=False, num_classes=1000).state_dict()
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
     if len(src_items) != len(dst_keys):
         raise WeightsError(f"bundled weights of '{arch}' have {len(src_items)} tensors, the model has {len(dst_keys)}")
