@@ -13,6 +13,8 @@ timestamps, fixed row order and attribute order).
     torchrun --nproc_per_node=4 -m pipeline.extract --index data/prepared --out data/features.h5
     # the backbone sweep (dvc.yaml `sweep_extract`): another backbone than params.yaml's
     python -m pipeline.extract --backbone tf_efficientnet_lite1 --out data/sweep/tf_efficientnet_lite1/features.h5
+    # augmented train views for the heads (dvc.yaml `extract_views`): extract.views seeded views of each train image
+    python -m pipeline.extract --views --out data/views.h5
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import logging
 from pathlib import Path
 
 from pipeline.core.features.extraction import extract_features
+from pipeline.core.features.views import write_no_views
 from pipeline.infra import runlog
 from pipeline.infra.artifacts import write_json
 from pipeline.infra.config import load_section
 from pipeline.infra.runner import run_main, stage_parser
+from pipeline.infra.runtime import dist_info
 
 log = logging.getLogger("pipeline.extract")  # not __name__: run as __main__ under `python -m`
 
@@ -34,11 +38,15 @@ def main(argv: list[str] | None = None) -> None:
                           epilog="Several GPUs: torchrun --nproc_per_node=N -m pipeline.extract ...")
     parser.add_argument("--index", type=Path, default=Path("data/prepared"),
                         help="folder with index.csv and classes.json from prepare (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("data/features.h5"),
-                        help="features file to write; checkpoints go to OUT.partial/ (default: %(default)s)")
+    parser.add_argument("--out", type=Path,
+                        help="features file to write; checkpoints go to OUT.partial/ (default: data/features.h5, "
+                             "with --views data/views.h5)")
     parser.add_argument("--backbone", help="backbone.name for this run instead of params.yaml's (the sweep)")
     parser.add_argument("--weights", help="backbone.weights for this run instead of params.yaml's (the sweep)")
     parser.add_argument("--store", help="extract.store for this run ('none': off, so every row is timed)")
+    parser.add_argument("--views", action="store_true",
+                        help="write the augmented views file instead: extract.views seeded views of every train image "
+                             "(the fine-tune's augmentation: extract.views_augment, views_hflip, views_crop_scale)")
     parser.add_argument("--summary", type=Path,
                         help="write the feature sizes to this JSON file (the speed goes to the run log, runs/)")
     args = parser.parse_args(argv)
@@ -48,7 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_section("extract", args.params)
     if args.store is not None:
         cfg = dataclasses.replace(cfg, store=None if args.store.lower() in ("none", "null") else args.store)
-    summary = extract_features(args.index, args.out, backbone, cfg)
+    args.out = args.out or Path("data/views.h5" if args.views else "data/features.h5")
+    if args.views and cfg.views == 0:
+        if dist_info().is_main:
+            write_no_views(args.out)
+        return
+    summary = extract_features(args.index, args.out, backbone, cfg, views=args.views)
     if args.summary is not None and summary["rank"] == 0:
         write_json(args.summary, {
             "backbone": backbone.name, "image_size": summary["backbone_config"]["image_size"],

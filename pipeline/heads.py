@@ -8,7 +8,7 @@ the model's own `pre_logits` on ViT-like backbones. Only the pooling a head need
 module: `head.safetensors` (weights; for kNN the normalised train rows and labels) + `head.json` (what to build,
 which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
 
-    python -m pipeline.heads logreg --features data/features.h5 --out models/heads/logreg \\
+    python -m pipeline.heads logreg --features data/features.h5 --views data/views.h5 --out models/heads/logreg \\
         --metrics metrics/heads/logreg.json
     # the backbone sweep (dvc.yaml `sweep_heads`): features of another backbone than params.yaml's
     python -m pipeline.heads mlp --backbone tf_efficientnet_lite1 --features data/sweep/tf_efficientnet_lite1/features.h5 \\
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"), help="features file from extract")
     parser.add_argument("--out", type=Path, help="head folder (default: models/heads/<head>)")
     parser.add_argument("--metrics", type=Path, help="metrics JSON (default: metrics/heads/<head>.json)")
+    parser.add_argument("--views", type=Path,
+                        help="augmented views file (dvc.yaml's extract_views: data/views.h5) for heads.<head>.views")
     parser.add_argument("--index", type=Path, default=Path("data/prepared"),
                         help="prepare's output folder; when it exists, the features must come from its index.csv "
                              "(default: %(default)s)")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     verify_features(args.features, backbone, load_section("extract", args.params),
                     args.index if (args.index / "index.csv").is_file() else None)
     runlog.note(head=args.head, device=str(resolve_device(cfg.device)), precision="fp32")
-    module, spec, metrics = fit_head(args.head, args.features, cfg)
+    module, spec, metrics = fit_head(args.head, args.features, cfg, args.views)
     save_head(args.out or Path("models/heads") / args.head, module, spec)
     write_json(args.metrics or Path("metrics/heads") / f"{args.head}.json", metrics)
 

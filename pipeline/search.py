@@ -14,6 +14,7 @@ a command line: 3e-4 is a number.
     python -m pipeline.search mlp --grid 'lr=log(1e-4,1e-2)' --grid 'dropout=(0.0,0.6)' --sampler tpe --trials 30
     python -m pipeline.search mlp --grid 'lr=[3e-4,1e-3,3e-3]' --grid 'weight_decay=[0,0.01,0.1]' --random 5
     python -m pipeline.search logreg --grid 'C=[0.003,0.01,0.03,0.1]' --grid 'pooling=[avg,catavgmax]'
+    python -m pipeline.search logreg --grid 'views=[0,1,2,4]'          # cached augmented views (extract.views: 4)
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="seed of the random and TPE samplers' draws (default: 0)")
     parser.add_argument("--features", type=Path, default=Path("data/features.h5"),
                         help="features file from extract (default: %(default)s)")
+    parser.add_argument("--views", type=Path, default=Path("data/views.h5"),
+                        help="augmented views file, read only by points with views > 0 (default: %(default)s)")
     parser.add_argument("--index", type=Path,
                         help="prepare's output folder: the features must come from its index.csv (default: "
                              "data/prepared, when it exists)")
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     # Refuse stale features before fitting anything, as the heads stage does.
     verify_features(args.features, load_section("backbone", args.params), load_section("extract", args.params), index)
     log.info("search: %s, %d trial(s) of heads.%s over %s", sampler, total, args.head, ", ".join(space))
-    study = open_study(out, args.head, base, args.features, space, sampler, seed)
-    rows, best = run_search(args.head, args.features, base, study, total)
+    views = args.views if args.views.is_file() else None
+    study = open_study(out, args.head, base, args.features, space, sampler, seed, views)
+    rows, best = run_search(args.head, args.features, base, study, total, views)
     write_results(out, args.head, base, study, rows, best)
     params = {k: best[k] for k in space}
     log.info("search: best point %d of %d, %s: val accuracy %.4f, loss %.4f; table in %s; to run the pipeline "

@@ -113,7 +113,7 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == ["prepare: error: unknown key 'heads.mlp.hiden' in params.yaml (did you mean "
                       "'heads.mlp.hidden'?); allowed keys: hidden, pooling, dropout, lr, weight_decay, batch_size, epochs, "
-                      "patience, seed, class_weight, device, in_memory_gb"], proc.stderr
+                      "patience, seed, class_weight, device, in_memory_gb, views"], proc.stderr
     assert not out.exists()
 
 

@@ -185,6 +185,10 @@ def test_dvc_yaml_lists_exactly_the_keys_that_change_each_output():
     for stage, sections in STAGE_SECTIONS.items():
         want = [k for s in sections for k in output_keys(s)]
         assert sorted(stages[stage]["params"]) == sorted(want), stage
+    views = output_keys("backbone") + ["extract.precision", "extract.dtype"] + output_keys("extract", "views")
+    assert sorted(stages["extract_views"]["params"]) == sorted(views)  # views are always PIL's: no extract.decode
+    assert output_keys("extract", "views") == [f"extract.views{s}" for s in ("", "_seed", "_augment", "_hflip",
+                                                                              "_crop_scale")]
     heads = stages["heads"]
     assert heads["do"]["params"] == ["heads.${item}"]
     assert heads["foreach"] == list(SECTIONS["heads"].__dataclass_fields__)

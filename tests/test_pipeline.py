@@ -16,7 +16,8 @@ def test_repro_then_head_change_reruns_only_heads(tmp_path: Path):
     make_dvc_repo(repo, **{**TINY, "data": {**TINY["data"], "source": "tiny"}})
 
     first = dvc(repo, "repro").stdout
-    for stage in ("prepare", "extract", "heads@logreg", "heads@mlp", "heads@knn", "select", "finetune", "evaluate"):
+    for stage in ("prepare", "extract", "extract_views", "heads@logreg", "heads@mlp", "heads@knn", "select", "finetune",
+                  "evaluate"):
         assert f"Running stage '{stage}'" in first, first
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
@@ -34,6 +35,16 @@ def test_repro_then_head_change_reruns_only_heads(tmp_path: Path):
     assert "Running stage 'prepare'" not in second and "Running stage 'extract'" not in second
     assert "Running stage 'heads@mlp'" in second
     assert "Running stage 'heads@logreg'" not in second and "Running stage 'heads@knn'" not in second
+
+    # cached augmented views: extracted by their own stage (the plain features stay), used by the head that asks
+    logreg = (repo / "metrics" / "heads" / "logreg.json").read_bytes()
+    third = dvc(repo, "exp", "run", "-S", "extract.views=2", "-S", "heads.mlp.views=2").stdout
+    assert "Running stage 'extract_views'" in third and "Running stage 'extract'" not in third, third
+    assert "Running stage 'heads@mlp'" in third
+    n_train = sum(json.loads((repo / "metrics" / "heads" / "mlp.json").read_text())["train"]["per_class"]["support"])
+    views = json.loads((repo / "metrics" / "heads" / "mlp.json").read_text())["views"]
+    assert views["per_image"] == 2 and views["rows"] == 2 * n_train
+    assert (repo / "metrics" / "heads" / "logreg.json").read_bytes() == logreg  # views: 0 there
 
 
 def test_hymenoptera_logreg_head(hymenoptera: Path, tmp_path: Path):

@@ -44,12 +44,18 @@ MAX_WORKERS = 256            # DataLoader processes
 MAX_CHECKPOINT_ROWS = 10_000_000
 MAX_MEMORY_GB = 1_000_000.0  # in_memory_gb, store_max_gb: a terabyte-scale machine is far below; a typo (1e9) is refused
 MAX_SEED = 2**32 - 1         # numpy's seed range
+MAX_VIEWS = 1_000            # cached augmented views per train image (DINOv2's linear eval sees ~10-100 per image)
 MAX_IMAGE_PIXELS_LIMIT = 2**31 - 1  # PIL's own hard ceiling for one image (int32 pixel count)
 
 
 def _speed(default: Any) -> Any:
     """A field that changes only how fast a stage runs, never its output: dvc.yaml does not list it."""
     return dataclasses.field(default=default, metadata={"speed_only": True})
+
+
+def _views_key(default: Any) -> Any:
+    """A field that changes only the augmented views file (dvc.yaml's `extract_views`), not the plain features."""
+    return dataclasses.field(default=default, metadata={"output": "views"})
 
 
 class ConfigError(PipelineError, ValueError):
@@ -146,6 +152,13 @@ class ExtractConfig:
     `store_max_gb`: the store's size cap; after each extraction the least recently used settings (whole backbone /
     dtype / preprocessing folders) are removed until it fits (pipeline/core/features/store_space.py; null: no cap).
     `python -m pipeline.store` lists and removes settings.
+
+    `views`: K seeded augmented views of every train image, extracted into a file of their own (dvc.yaml's
+    `extract_views` stage, data/views.h5) through the same checkpoints and store, for heads that train on them
+    (`heads.*.views`; val and test keep the plain view). The augmentation is the fine-tune's own
+    (:func:`pipeline.core.data.images.train_transform`): `views_augment`, `views_hflip`, `views_crop_scale` as
+    `finetune.augment` / `hflip` / `crop_scale`; `views_seed` seeds every view from (seed, view, image content).
+    The plain features file never depends on these keys.
     """
 
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -157,8 +170,16 @@ class ExtractConfig:
     device: str = _speed("auto")
     store: str | None = _speed("auto")
     store_max_gb: float | None = _speed(20.0)
+    views: int = _views_key(0)
+    views_seed: int = _views_key(0)
+    views_augment: Literal["shift", "resized_crop"] = _views_key("shift")
+    views_hflip: bool = _views_key(False)
+    views_crop_scale: float = _views_key(0.7)
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.views", self.views, 0, MAX_VIEWS)
+        _check_range(f"{prefix}.views_seed", self.views_seed, 0, MAX_SEED)
+        _check_range(f"{prefix}.views_crop_scale", self.views_crop_scale, 0.0, 1.0, low_open=True)
         if self.store_max_gb is not None:
             _check_range(f"{prefix}.store_max_gb", self.store_max_gb, 0.0, MAX_MEMORY_GB, low_open=True)
         _check_range(f"{prefix}.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
@@ -199,8 +220,10 @@ class LogregConfig:
     in_memory_gb: float = _speed(4.0)
     refine: int = 0
     refit: bool = False
+    views: int = 0
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.views", self.views, 0, MAX_VIEWS)
         _check_range(f"{prefix}.refine", self.refine, 0, MAX_REFINE)
         if not self.C:
             raise ConfigError(f"{prefix}.C must list at least one value")
@@ -232,8 +255,10 @@ class MlpConfig:
     class_weight: Optional[Literal["balanced"]] = _CLASS_WEIGHT
     device: str = _speed("auto")
     in_memory_gb: float = _speed(4.0)
+    views: int = 0
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.views", self.views, 0, MAX_VIEWS)
         _check_range(f"{prefix}.in_memory_gb", self.in_memory_gb, 0.0, MAX_MEMORY_GB)
         for h in self.hidden:
             _check_range(f"{prefix}.hidden", h, 1, MAX_HIDDEN)
@@ -262,8 +287,10 @@ class KnnConfig:
     T: float = 0.07
     pooling: Literal["auto", "avg", "catavgmax", "pre_logits"] = "auto"
     device: str = _speed("auto")
+    views: int = 0
 
     def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.views", self.views, 0, MAX_VIEWS)
         if not self.k:
             raise ConfigError(f"{prefix}.k must list at least one value")
         for k in self.k:
@@ -565,12 +592,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def output_keys(section: str) -> list[str]:
+def output_keys(section: str, output: str = "main") -> list[str]:
     """Dotted keys of a section (or subsection such as ``heads.mlp``) that change a stage's output.
 
-    Speed-only keys are left out: these are exactly the keys a stage lists under `params` in dvc.yaml.
+    Speed-only keys are left out: these are exactly the keys a stage lists under `params` in dvc.yaml. `output`:
+    `main` (the section's own stage), or `views`: the `extract.views*` keys, which change only the views file.
     """
-    return [key for key, _, speed in _fields(section) if not speed]
+    marks = {key: mark for key, mark in _output_marks(section)}
+    return [key for key, _, speed in _fields(section) if not speed and marks.get(key, "main") == output]
+
+
+def _output_marks(section: str) -> list[tuple[str, str]]:
+    """(dotted key, the output it changes) for the top-level fields of a section marked with one."""
+    cls = SECTIONS[section.split(".")[0]]
+    for name in section.split(".")[1:]:
+        cls = typing.get_type_hints(cls)[name]
+    return [(f"{section}.{f.name}", f.metadata["output"]) for f in dataclasses.fields(cls) if "output" in f.metadata]
 
 
 def _fields(section: str) -> list[tuple[str, Any, bool]]:

@@ -123,7 +123,7 @@ def test_summary_splits_the_wall_time_and_the_stage_logs_and_records_it(digits60
     monkeypatch.setattr(runlog, "note", lambda **values: notes.update(values))
     summaries = []
     real = ex.extract_features
-    monkeypatch.setattr(extract, "extract_features", lambda *a: summaries.append(real(*a)) or summaries[-1])
+    monkeypatch.setattr(extract, "extract_features", lambda *a, **k: summaries.append(real(*a, **k)) or summaries[-1])
     out = tmp_path / "split.h5"
     params = write_params(tmp_path / "params.yaml", backbone={"image_size": 32},
                           extract={"workers": 0, "batch_size": 16, "store": None})

@@ -209,16 +209,22 @@ def train_transform(pre: Preprocess, augment: str, crop_scale: float,
     for data sets large enough to learn from it.
     """
     T = _transforms()
-    interpolation = _interpolation(pre.interpolation)
+    return T.Compose([*train_geometry(pre, augment, crop_scale, hflip), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def train_geometry(pre: Preprocess, augment: str, crop_scale: float, hflip: bool) -> list:
+    """The PIL steps of :func:`train_transform` (PIL image in, PIL image of `pre.size` out, random from torch's
+    RNG): what the cached augmented views (`extract.views`) apply before the extraction's own normalisation."""
+    T = _transforms()
     if augment == "shift":  # the eval geometry, with the crop at a random position
         steps = geometry(pre)
         steps[-1] = T.RandomCrop(pre.size, pad_if_needed=True, fill=tuple(round(255 * m) for m in pre.mean))
     else:
+        interpolation = _interpolation(pre.interpolation)
         steps = [T.RandomResizedCrop(pre.size, scale=(crop_scale, 1.0), interpolation=interpolation)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    return T.Compose(steps)
+    return steps
 
 
 class ImageDataset(Dataset):

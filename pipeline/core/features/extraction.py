@@ -28,6 +28,7 @@ timestamps, fixed row order and attribute order).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -59,6 +60,7 @@ from pipeline.core.features.resume import (
 )
 from pipeline.core.features.store import FeatureStore, ShardWriter
 from pipeline.core.features.store_space import evict, store_root
+from pipeline.core.features.views import VIEW_KEYS, ViewAugment, view_rows, view_settings
 from pipeline.core.models.architectures import architecture_data_cfg
 from pipeline.core.models.backbone import build_backbone
 from pipeline.core.models.feature_sets import FEATURE_SETS
@@ -242,6 +244,7 @@ class _Images:
     root: Path
     rows: list[dict]
     limits: ImageLimits
+    augment: ViewAugment | None = None  # a views file's rows: each image under its seeded augmentation
 
 
 def _run_backbone(net: FeatureNet, pre: Preprocess, images: _Images, ids: list[int],
@@ -253,8 +256,10 @@ def _run_backbone(net: FeatureNet, pre: Preprocess, images: _Images, ids: list[i
     if not ids:
         return 0
     rows = images.rows
+    seeds = None if images.augment is None else [rows[i]["view_seed"] for i in ids]
     dataset = ExtractDataset(images.root, [rows[i]["path"] for i in ids], ids, pre, cfg.decode,
-                             defer_jpeg=device.type == "cuda", limits=images.limits, jpeg_decoder=jpeg_decoder)
+                             defer_jpeg=device.type == "cuda", limits=images.limits, jpeg_decoder=jpeg_decoder,
+                             augment=images.augment, view_seeds=seeds)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, device)
     to_input = DeviceInput(pre, device, jpeg_decoder)
     pending: _InFlight | None = None
@@ -318,18 +323,24 @@ def _open_store(cfg: ExtractConfig, index_dir: Path, fingerprint: dict, is_main:
     index folder, shared by every extraction of that index).
 
     Its key leaves out what does not change a row's bits: the index (rows outlive index changes), the classes and
-    the checkpoint size."""
+    the checkpoint size; and the augmented views' settings, which their rows' digests hold (so a views file shares
+    the plain file's store, and K = 8 reuses the views of K = 4)."""
     if cfg.store is None:
         return None
-    key = {k: v for k, v in fingerprint.items() if k not in ("index_sha256", "classes", "checkpoint_rows")}
+    key = {k: v for k, v in fingerprint.items()
+           if k not in ("index_sha256", "classes", "checkpoint_rows", *VIEW_KEYS)}
     store = FeatureStore.open(store_root(cfg.store, index_dir), key)
     if is_main:
         log.info("extract: feature store %s holds %d rows for these settings", store.folder, len(store.rows))
     return store
 
 
-def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig) -> dict:
+def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig,
+                     views: bool = False) -> dict:
     """Writes the features file for every row of the index (resuming a partial run); returns a summary.
+
+    `views`: write the augmented views file instead (`cfg.views` seeded views of each train image, through PIL;
+    pipeline/core/features/views.py), with the same checkpoints, store and torchrun sharing.
 
     Under torchrun every rank calls this; each extracts its share and rank 0 writes `out`. `backbone.image_size:
     auto` is resolved from the index's train image sizes; the summary's `backbone_config` holds the size used. The
@@ -344,7 +355,7 @@ def extract_features(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: 
     clock = _Clock()  # started before the lock: waiting for it is part of the fixed cost a caller sees
     lock = exclusive_output(out) if dist_info().is_main else contextlib.nullcontext()
     with lock:
-        return _extract(Path(index_dir), Path(out), backbone, cfg, clock)
+        return _extract(Path(index_dir), Path(out), backbone, cfg, clock, views)
 
 
 def _file_attrs(net: FeatureNet, pre: Preprocess, weights_sha: str, backbone: BackboneConfig, cfg: ExtractConfig,
@@ -411,18 +422,28 @@ def _plan(out: Path, n_rows: int, fingerprint: dict, cfg: ExtractConfig, widths:
     return _Plan(partial, spans, mine, resumed)
 
 
-def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig, clock: _Clock) -> dict:
+def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractConfig, clock: _Clock,
+             views: bool) -> dict:
     """:func:`extract_features` under the output's lock: resolve the size, build the network, plan the checkpoints,
     run (or reuse) the rows, assemble the file, and return the summary."""
     rows, meta = read_index(index_dir)
     _check_index(rows, index_dir)
+    if views:
+        if cfg.decode != "pil" and dist_info().is_main:
+            log.info("extract: augmented views are decoded with PIL (the augmentation is PIL's); extract.decode: %s "
+                     "applies to the plain view", cfg.decode)
+        cfg = dataclasses.replace(cfg, decode="pil")
+        rows = view_rows(rows, cfg)
+        if not rows:
+            raise ExtractError(f"extract.views: {cfg.views} but the index in {index_dir} has no train images to "
+                               "augment")
     info = dist_info()
     backbone, size_reason = resolve_image_size(backbone, meta.get(IMAGE_SIZES_KEY))
     if info.is_main:
         log.info("extract: image size %d px (%s)", backbone.image_size, size_reason)
     set_deterministic()
     device = resolve_device(cfg.device)
-    images = _Images(Path(meta["source"]), rows, image_limits(meta))
+    images = _Images(Path(meta["source"]), rows, image_limits(meta))  # the augmentation comes with the preprocessing
     with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
         jpeg_decoder = None
         if cfg.decode in JPEG_ROUTES:  # every rank probes its own device; all must decode alike
@@ -432,6 +453,9 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         for p in net.parameters():
             p.requires_grad_(False)
         attrs = _file_attrs(net, pre, weights_sha, backbone, cfg, index_dir, meta["classes"], jpeg_decoder)
+        if views:
+            attrs.update({k: v for k, v in view_settings(cfg).items() if v is not None})  # HDF5 has no None
+            images = dataclasses.replace(images, augment=ViewAugment.from_config(pre, cfg))
         # Checkpoints from another checkpoint size or device type (CPU and GPU agree only to ~1e-5) are not reused.
         fingerprint = {**attrs, "checkpoint_rows": cfg.checkpoint_rows, "device_type": device.type}
         t0 = time.perf_counter()

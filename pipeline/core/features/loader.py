@@ -27,7 +27,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -228,11 +228,20 @@ class ExtractDataset(Dataset):
 
     Paths and ids live in numpy arrays rather than a list of dicts: forked workers then share them without
     touching Python reference counts, so worker memory does not grow with the number of rows.
+
+    With `augment` (cached augmented views, pipeline/core/features/views.py), row `i` is the image under
+    `augment(image, view_seeds[i])` instead of the eval geometry, always through PIL (the augmentation is PIL's).
     """
 
     def __init__(self, root: Path | str, paths: Sequence[str], ids: Sequence[int], pre: Preprocess,
                  decode: Decode = "pil", defer_jpeg: bool = False, limits: ImageLimits = ImageLimits(),
-                 jpeg_decoder: str | None = None):
+                 jpeg_decoder: str | None = None,
+                 augment: Callable[[Image.Image, int], torch.Tensor] | None = None,
+                 view_seeds: Sequence[int] | None = None):
+        if (augment is None) != (view_seeds is None) or augment is not None and decode != "pil":
+            raise ValueError("augmented views need both augment= and view_seeds=, and decode 'pil'")
+        self.augment = augment
+        self.view_seeds = None if view_seeds is None else np.asarray(view_seeds, dtype=np.int64)
         self.root = Path(root)
         self.paths = np.array(list(paths), dtype=np.str_)
         self.ids = np.asarray(ids, dtype=np.int64)
@@ -256,6 +265,9 @@ class ExtractDataset(Dataset):
         """(row id, kind, tensor, orientation, path): kind _PIXELS with (3, S, S) uint8, or _JPEG with bytes."""
         path = str(self.root / str(self.paths[i]))
         row_id = int(self.ids[i])
+        if self.augment is not None:
+            image = load_rgb(path, self.limits.max_pixels, self.limits.max_aspect)
+            return row_id, _PIXELS, self.augment(image, int(self.view_seeds[i])), 1, path
         if self.jpeg_route:
             data = Path(path).read_bytes()
             orientation = jpeg_orientation(data, self.limits.max_pixels, self.limits.max_aspect)

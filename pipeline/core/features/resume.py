@@ -134,6 +134,8 @@ def create_datasets(f: h5py.File, rows: list[dict], widths: dict[str, int], dtyp
             g.create_dataset(name, shape=(n, widths[name]), dtype=dtype, chunks=(min(n, CHUNK_ROWS), widths[name]))
         g.create_dataset("labels", data=np.array([int(r["label"]) for r in rows[start:stop]], dtype=np.int64))
         g.create_dataset("ids", data=np.array([int(r["id"]) for r in rows[start:stop]], dtype=np.int64))
+        if "view" in rows[start]:  # a views file (pipeline/core/features/views.py): each row's view number
+            g.create_dataset("view", data=np.array([int(r["view"]) for r in rows[start:stop]], dtype=np.int64))
     return ranges
 
 

@@ -29,6 +29,7 @@ from pipeline.core.features.cache import (
 from pipeline.core.heads.metrics import concat_scores, row_scores, summarize
 from pipeline.core.heads.registry import head_type
 from pipeline.core.heads.spec import SELECTION_MODULE, HeadSpec
+from pipeline.core.heads.views import load_train_views
 from pipeline.infra.artifacts import atomic_path, read_json, write_json
 from pipeline.infra.config import to_dict
 from pipeline.infra.errors import PipelineError
@@ -173,11 +174,27 @@ def _features_summary(spec: HeadSpec) -> dict:
             "in_features": spec.in_features}
 
 
-def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, HeadSpec, dict]:
+def _train_views(name: str, cfg, views: Path | None, attrs: dict, pooling: str, in_memory: bool):
+    """The augmented train views head `name` asks for (`cfg.views`), or None for none."""
+    count, key = getattr(cfg, "views", 0), f"heads.{name}.views"
+    if not count:
+        return None
+    if views is None:  # the sweep's backbones have no views file: the plain view, said once
+        log.warning("%s: %d, but no views file was given (--views): fitting on the plain view only", key, count)
+        return None
+    if not in_memory:
+        raise PipelineError(f"{key}: {count} needs the train features in memory, and they are above "
+                            f"heads.{name}.in_memory_gb: raise it, or set {key}: 0")
+    return load_train_views(views, attrs, pooling, count, key)
+
+
+def fit_head(name: str, features: Path, cfg, views: Path | None = None) -> tuple[nn.Module, HeadSpec, dict]:
     """Fits head `name` with its config; returns the module, its spec and its metrics.
 
     Only the pooling the head needs is read. Features up to `cfg.in_memory_gb` are read into one float32 array
     (no other copy); larger ones stay in the file and are streamed block by block, when the head can stream.
+    With `cfg.views` > 0 the head also trains on that many augmented views of each train image from the views file
+    `views` (pipeline/core/heads/views.py), held in memory; its train metrics stay those of the plain train rows.
     """
     attrs = read_attrs(features)
     kind = head_type(name)
@@ -191,10 +208,17 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, HeadSpec, dict]
     in_memory = not kind.streams(cfg, n, d) or n * d * 4 <= cfg.in_memory_gb * 2**30
     x_train, x_val = (_load_inputs(features, s, pooling, in_memory) for s in ("train", "val"))
     y_train, y_val = read_labels(features, "train"), read_labels(features, "val")
-    log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling, %s)", name, n, len(y_val),
-             d, pooling, "in memory" if in_memory else f"streamed from {features}")
+    train_views = _train_views(name, cfg, views, attrs, pooling, in_memory)
+    x_fit, y_fit = x_train, y_train
+    if train_views is not None:
+        x_fit = np.concatenate([x_train, train_views.inputs])
+        y_fit = np.concatenate([y_train, train_views.labels])
+    log.info("heads@%s: fitting on %d train and %d val rows of %d features (%s pooling, %s)", name, len(y_fit),
+             len(y_val), d, pooling, "in memory" if in_memory else f"streamed from {features}")
     t0 = time.perf_counter()
-    module, info = kind.fit(x_train, y_train, x_val, y_val, cfg, len(classes))
+    module, info = kind.fit(x_fit, y_fit, x_val, y_val, cfg, len(classes))
+    if train_views is not None:
+        info["views"] = train_views.record
     # The model the train and val scores are of: the one selected on val, which is the saved one unless it was
     # refitted on train + val (its val scores would then be in-sample; see pipeline/core/heads/logreg.py).
     selected = info.pop(SELECTION_MODULE, module)
@@ -207,6 +231,8 @@ def fit_head(name: str, features: Path, cfg) -> tuple[nn.Module, HeadSpec, dict]
     metrics = {"features": _features_summary(spec),
                "train": stream_metrics(selected, x_train, y_train, len(classes)),
                "val": stream_metrics(selected, x_val, y_val, len(classes))}
+    if train_views is not None:
+        metrics["views"] = train_views.record
     if selected is not module:
         # What the saved model was fitted on, and its own val scores, named as in-sample: the fine-tune's warm start
         # reproduces these (its epoch 0), not the selection's.

@@ -100,13 +100,22 @@ def features_identity(features: Path) -> str:
 
 
 def open_study(out: Path, head: str, base: Any, features: Path, space: dict[str, Dimension], sampler: str,
-               seed: int) -> Study:
-    """The search's study in `out`: resumed when its journal holds the same search, else started afresh."""
+               seed: int, views: Path | None = None) -> Study:
+    """The search's study in `out`: resumed when its journal holds the same search, else started afresh. The views
+    file is part of the search only when it uses views (`views` in the grid or in the base config)."""
     header = {"head": head, "base": to_dict(base), "features": features_identity(features)}
+    if views is not None and uses_views(base, space):
+        header["views"] = features_identity(views)
     return Study(out / JOURNAL, space, sampler, seed, header)
 
 
-def run_search(head: str, features: Path, base: Any, study: Study, total: int) -> tuple[list[dict], dict]:
+def uses_views(base: Any, space: dict[str, Dimension]) -> bool:
+    """Whether a search fits any head on augmented views (pipeline/core/heads/views.py)."""
+    return "views" in space or bool(getattr(base, "views", 0))
+
+
+def run_search(head: str, features: Path, base: Any, study: Study, total: int,
+               views: Path | None = None) -> tuple[list[dict], dict]:
     """Runs the study's trials up to `total` (those in its journal are not fitted again); returns the table rows
     (point numbered from 1, params, metrics) and the best row."""
     from pipeline.core.heads.fitting import fit_head
@@ -122,7 +131,7 @@ def run_search(head: str, features: Path, base: Any, study: Study, total: int) -
             log.info("search: %d/%d %s is trial %d's point again: not fitted again", number, total,
                      json.dumps(point), earlier["trial"])
         else:
-            _, spec, fitted = fit_head(head, features, cfg)
+            _, spec, fitted = fit_head(head, features, cfg, views)
             metrics = {"val_accuracy": fitted["val"]["accuracy"], "val_loss": fitted["val"]["loss"],
                        "val_balanced_accuracy": fitted["val"]["balanced_accuracy"],
                        "train_accuracy": fitted["train"]["accuracy"]}
