@@ -257,6 +257,18 @@ def download(p: Plan, dest: Path, python_version: str) -> list[Path]:
     return files
 
 
+def travelling_tree_bytes(root: Path = REPO) -> int | None:
+    """Bytes of what a device call sends besides the carried wheels: tracked files and untracked ones git does not
+    ignore (/work/.library/device/README.md); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = [root / p.decode() for p in out.split(b"\0") if p]
+    return sum(p.stat().st_size for p in paths if p.is_file() and not p.is_symlink())
+
+
 def unmet_needs(site: Path) -> list[str]:
     """Requirements of the distributions installed in `site` (pip --target) that what is importable now fails:
     the image's version of a package outside the plan (IMAGE_VERSIONS holds only the versions known here)."""
@@ -319,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f.stat().st_size / 2**20:7.2f} MiB  {f.name}")
     print(f"{len(files)} wheels, {total / 2**20:.1f} MiB in {args.dest} (budget {args.budget_mib:g} MiB); "
           f"from the image: {len(p.from_image)} packages")
+    tree = travelling_tree_bytes()
+    if tree is not None:
+        print(f"with the working tree that travels too ({tree / 2**20:.1f} MiB): {(tree + total) / 2**20:.1f} MiB "
+              f"of a device call's 64 MiB")
     return 1 if total > args.budget_mib * 2**20 else 0
 
 
