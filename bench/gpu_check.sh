@@ -58,7 +58,8 @@ if [[ $PARTS == *B* ]]; then
   if grep -q "^dvc .* ok" "$OUT/env.txt"; then
     t0=$(date +%s.%N)
     set -o pipefail
-    timeout "${LIMIT_B:-400}" python -m dvc repro --force 2>&1 | grep -v "it/s\]" | tee -a "$OUT/pipeline.log"
+    timeout "${LIMIT_B:-400}" python -m dvc repro --force 2>&1 | grep --line-buffered -v "it/s\]" \
+      | tee -a "$OUT/pipeline.log"
     echo "dvc repro exit status $?" | tee -a "$OUT/pipeline.log"
     set +o pipefail
     repro_s=(--repro-seconds "$(python -c "import time; print(time.time() - $t0)")")
@@ -75,7 +76,7 @@ if [[ $PARTS == *A* ]]; then
 echo "== A: fine-tune seed spread on the GPU" | tee "$OUT/seeds.log"
 timeout "${LIMIT_A:-270}" python bench/finetune_seeds.py --data data/digits --work /tmp/seeds --seeds 0 1 2 \
   --variant "" --variant "ema_decay=0.99" --variant "select=loss" --variant "ema_decay=0.99,select=loss" 2>&1 \
-  | grep -v " INFO " | tee -a "$OUT/seeds.log"
+  | grep --line-buffered -v " INFO " | tee -a "$OUT/seeds.log"
 fi
 
 extract_json=()
@@ -96,7 +97,8 @@ echo "routes timed: $decodes" | tee -a "$OUT/extract.log"
 extract_json=(--extract-json "$OUT/extract.json")
 timeout "${LIMIT_C:-150}" python bench/extract.py --generate "${C_IMAGES:-3000}" --batch-size "${C_BATCH:-256}" \
   --workers "${C_WORKERS:-14}" --precision "${C_PRECISION:-bf16}" --decode "$decodes" --no-parts \
-  --rss-n "${C_RSS_N:-1000}" --json "$OUT/extract.json" 2>&1 | grep -v " INFO " | tee -a "$OUT/extract.log"
+  --rss-n "${C_RSS_N:-1000}" --json "$OUT/extract.json" 2>&1 | grep --line-buffered -v " INFO " \
+  | tee -a "$OUT/extract.log"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   timeout 120 python -m pytest -q -p no:cacheprovider tests/features/test_extract.py -k nvjpeg 2>&1 | tail -5 \
     | tee -a "$OUT/extract.log"
