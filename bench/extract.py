@@ -338,8 +338,10 @@ def child_decode(a: argparse.Namespace) -> dict:
 
 def run_child(kind: str, a: argparse.Namespace, env_extra: dict[str, str] | None = None, **extra) -> dict:
     """Runs one measurement in a fresh Python process with the thread budget in its environment."""
+    # this checkout first, then whatever PYTHONPATH already held (bench/gpu_check.sh's carried packages)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
-           "PIPELINE_RUN_DIR": str(Path(a.workdir) / "runs"), "PYTHONPATH": str(REPO), **(env_extra or {})}
+           "PIPELINE_RUN_DIR": str(Path(a.workdir) / "runs"), "PYTHONPATH": path, **(env_extra or {})}
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--root", str(a.root),
             "--n", str(extra.get("n", a.n)), "--index", str(extra.get("index", "")),
             "--out", str(extra.get("out", "")), "--batch-size", str(a.batch_size), "--workers", str(a.workers),

@@ -100,5 +100,7 @@ def test_gpu_check_runs_the_real_pipeline_with_the_carried_wheels():
     assert ".devsite/wheels/*.whl" in script
     assert "python -m dvc repro --force" in script and "bench/gpu_table.py" in script
     assert ".devsite/pure" not in script, "the pure-Python copies are gone: the wheels replace them"
+    for bench in ("extract.py", "finetune_seeds.py"):  # their child processes must keep /tmp/site on the path
+        assert '"PYTHONPATH": str(REPO)' not in (REPO / "bench" / bench).read_text(), bench
     assert "gpu-wheels:" in (REPO / "Makefile").read_text()
     assert "/.devsite/" in (REPO / ".gitignore").read_text().splitlines()
