@@ -14,6 +14,10 @@
 # as wheels: `make gpu-wheels` here (tools/gpu_wheels.py), then the device call names `.devsite/wheels` in carry;
 # they are installed to /tmp/site, first on PYTHONPATH. Without them part B is skipped with one line.
 #
+# Sized for one 10-minute device call (timeout_s 600): B under LIMIT_B (330 s), C under LIMIT_C (150 s), the rest
+# ~1 min. On the H200 (bench/results/gpu_h200.md) six stage commands took 86 s and a fine-tune + evaluate ~55 s;
+# heads@knn, compare, fewshot and dvc's own start-up come on top, not yet timed on a GPU.
+#
 #     bash bench/gpu_check.sh                 # on the GPU machine, from the repo root; OUT=folder for the results
 #     PARTS=C bash bench/gpu_check.sh         # only some parts (default: BC)
 # A CPU rehearsal (another Python; a small, CPU-sized part C):
@@ -58,7 +62,7 @@ if [[ $PARTS == *B* ]]; then
   if grep -q "^dvc .* ok" "$OUT/env.txt"; then
     t0=$(date +%s.%N)
     set -o pipefail
-    timeout "${LIMIT_B:-400}" python -m dvc repro --force 2>&1 | grep --line-buffered -v "it/s\]" \
+    timeout "${LIMIT_B:-330}" python -m dvc repro --force 2>&1 | grep --line-buffered -v "it/s\]" \
       | tee -a "$OUT/pipeline.log"
     echo "dvc repro exit status $?" | tee -a "$OUT/pipeline.log"
     set +o pipefail
