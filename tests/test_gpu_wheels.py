@@ -104,3 +104,16 @@ def test_gpu_check_runs_the_real_pipeline_with_the_carried_wheels():
         assert '"PYTHONPATH": str(REPO)' not in (REPO / "bench" / bench).read_text(), bench
     assert "gpu-wheels:" in (REPO / "Makefile").read_text()
     assert "/.devsite/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_the_table_without_a_pipeline_run_gives_speeds_and_no_verdict(tmp_path, monkeypatch, capsys):
+    """PARTS=C: no stage ran and verify is not asked, so the overall line says `-`, not `different`."""
+    import gpu_table
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench.json").write_text('{"device": "cpu", "precision": "fp32", "rows": 64, '
+                                         '"textbook_img_s": 7.4, "pipeline_img_s": {"pil": 14.2}}')
+    assert gpu_table.main(["--no-verify", "--extract-json", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| bench/extract.py: pipeline, decode pil | | 14.2 | | 1.92x the textbook loop |" in out
+    assert "| **dvc repro, all stages** |  | | **-** |" in out
