@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one short run, on a lent GPU machine: its own Python, torch and torchvision, and no package registry.
 #
-# What it measures (each part under its own time limit, results under $OUT):
+# What it measures (each part under its own time limit, results under $OUT: 7 files, 8 with A, the most a device
+# call brings back):
 #   B. the real pipeline on the GPU: `dvc repro --force` (every stage of dvc.yaml runs there, finetune and evaluate
 #      included), then `python -m pipeline.verify` against the committed CPU results;
 #   C. extraction throughput, bf16, against the textbook loop (bench/extract.py): the PIL route and the JPEG route

@@ -109,7 +109,8 @@ def _third_party_imports(path: Path) -> set[str]:
 def stage_imports(root: Path = REPO) -> dict[str, set[str]]:
     """{top-level module: the files importing it} over the import closure of every dvc.yaml stage and of
     pipeline.verify (what bench/gpu_check.sh runs)."""
-    sys.path.insert(0, str(root / "tools"))
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
     import code_deps
 
     modules = set(code_deps.stage_modules(root / "dvc.yaml").values()) | {"pipeline.verify"}
