@@ -21,6 +21,9 @@ How it runs (docs/extraction.md has the measurements):
   The ranks share work through files: on several nodes, every node must see the index, the images and `<out>`'s
   folder at the same paths (checked before any image is read: pipeline/core/features/nodes.py).
 
+With `views=True` the same machinery writes the augmented views file instead (`extract.views` seeded views of each
+train image as its rows; pipeline/core/features/views.py).
+
 The file depends only on the index, the backbone and `extract.precision` / `dtype` / `decode`: batch size, workers,
 thread count, checkpoint size, number of processes and interruptions leave its bytes unchanged (same machine, no
 timestamps, fixed row order and attribute order).
