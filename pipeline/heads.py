@@ -4,7 +4,9 @@ Heads: `logreg` (standardised L2 logistic regression: scikit-learn for small dat
 data), `mlp` (BN-Dropout-Linear-ReLU) and `knn` (DINOv2's weighted kNN vote on L2-normalised features, k chosen on
 val), all on the GPU when present; `pooling: auto` gives them avg (concat [avg, max] for the MLP) on CNN feature maps,
 the model's own `pre_logits` on ViT-like backbones. Only the pooling a head needs is read; features over
-`in_memory_gb` stay in the file and are streamed (kNN keeps its train rows in memory). Each is stored as a torch
+`in_memory_gb` stay in the file and are streamed (kNN keeps its train rows in memory). With `heads.<head>.views: n` a
+head also trains on the first n cached augmented views of each train image (`--views`, data/views.h5 from the
+`extract_views` stage; pipeline/core/heads/views.py); val and test stay the plain view. Each is stored as a torch
 module: `head.safetensors` (weights; for kNN the normalised train rows and labels) + `head.json` (what to build,
 which pooling, which features it was fitted on), so later stages load every head the same way, without pickle.
 
