@@ -446,7 +446,7 @@ def _extract(index_dir: Path, out: Path, backbone: BackboneConfig, cfg: ExtractC
         log.info("extract: image size %d px (%s)", backbone.image_size, size_reason)
     set_deterministic()
     device = resolve_device(cfg.device)
-    images = _Images(Path(meta["source"]), rows, image_limits(meta))  # the augmentation comes with the preprocessing
+    images = _Images(Path(meta["source"]), rows, image_limits(meta))
     with process_group(device, BARRIER_TIMEOUT) as (_, barrier):
         jpeg_decoder = None
         if cfg.decode in JPEG_ROUTES:  # every rank probes its own device; all must decode alike
