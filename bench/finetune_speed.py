@@ -14,7 +14,8 @@ much of the GPU the stage uses.
   the same autocast precision, forward + cross-entropy + backward + AdamW step in a loop with PyTorch's own kernels
   (no DataLoader, no clipping, schedule, average or per-step read-back): a few warm-up steps, then as many steps as
   the timed epoch had.
-The GPU is synchronized before every clock read. The network is the Lite0 body + a linear head on avg pooling (the
+Both run under the stage's `set_deterministic()` (no cuDNN autotuning, TF32 off), as the stage trains; the GPU is
+synchronized before every clock read. The network is the Lite0 body + a linear head on avg pooling (the
 logreg head's shape) at `--image-size`; it starts from the bundled weights, not from a fitted head (speed only).
 
     python bench/finetune_speed.py                                        # cuda when present, else the CPU
