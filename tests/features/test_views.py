@@ -156,3 +156,25 @@ def test_views_keys_are_checked(tmp_path, key, value):
     params = write_params(tmp_path / "params.yaml", extract={key: value})
     with pytest.raises(ConfigError, match=f"extract.{key}"):
         load_section("extract", params)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_one_process_views_file(views_setup, tmp_path):
+    """Views are rows like any other: two CPU ranks (gloo) share their checkpoints and rank 0 writes the same bytes
+    as one process."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    params = _params(views_setup, tmp_path / "params.yaml", views=2, views_seed=5, store=None, checkpoint_rows=8)
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    extract.main(["--params", str(params), "--index", str(views_setup["index"]), "--out", str(one), "--views"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.extract",
+           "--params", str(params), "--index", str(views_setup["index"]), "--out", str(two), "--views"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PIPELINE_RUN_DIR": str(tmp_path / "runs")}
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2" in proc.stderr  # rank 0 reports a world of two
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (one, two)]
+    assert digest[0] == digest[1]
