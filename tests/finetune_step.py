@@ -57,8 +57,10 @@ def step_record() -> dict:
     from pipeline.infra.runtime import seed_everything, set_deterministic
 
     set_deterministic()
-    seed_everything(0)
     body, _, _ = build_backbone(BackboneConfig(image_size=SIZE))
+    # seeded after the build: the head's initial weights must not depend on how much of the RNG building the body
+    # happens to draw (a meta-device template draws none, a CPU one did)
+    seed_everything(0)
     head = torch.nn.Linear(body.num_features, CLASSES)
     net = TransferNet(body, head, "avg").to(memory_format=torch.channels_last)
     cfg = FinetuneConfig()

@@ -95,8 +95,9 @@ def test_queued_grid_extracts_once(tmp_path: Path, monkeypatch):
     records = [json.loads(line) for line in (run_log / "history.jsonl").read_text().splitlines()]
     # the main pipeline's runs (the opt-in backbone sweep's stages run the same modules with --backbone)
     main = [r for r in records if r["status"] == "ok" and "--backbone" not in r["argv"]]
-    stages = [r["stage"] for r in main]
+    stages = [r["dvc_stage"] or r["stage"] for r in main]  # extract_views runs pipeline.extract too
     assert stages.count("extract") == 1, stages  # the baseline; the queued runs reuse its cache
+    assert stages.count("extract_views") == 1, stages
     assert stages.count("prepare") == 1, stages
     mlp_runs = [r for r in main if r["stage"] == "heads" and "mlp" in r["argv"]]
     assert len(mlp_runs) == 3, stages  # baseline + one per queued experiment
