@@ -62,6 +62,16 @@ def copy_hymenoptera_slice(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package), for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_params(path: Path, **sections: dict) -> Path:
     """A params.yaml: the repository's, with the given sections' keys overridden."""
     import yaml

@@ -3,12 +3,13 @@ lent GPU's minutes are not spent finding their bugs: bench/finetune_speed.py mea
 step and writes their ratio; bench/heads.py's child reports no GPU memory where none was used."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,7 @@ def test_finetune_speed_measures_both_loops_and_their_ratio(tmp_path):
 
 
 def _heads_bench():
-    spec = importlib.util.spec_from_file_location("bench_heads", REPO / "bench" / "heads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("heads")
 
 
 def test_heads_child_reports_no_gpu_memory_on_a_cpu(tmp_path):

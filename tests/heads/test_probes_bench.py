@@ -2,7 +2,6 @@
 a small cache its all-train rows are the heads' own `fit_head` figures and its table has one row per shot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from conftest import load_bench
 
 from pipeline.core.features.resume import create_datasets, write_rows
 from pipeline.core.heads.fitting import fit_head
@@ -19,10 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_probes", REPO / "bench" / "probes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("probes")
 
 
 def test_skips_with_a_message_when_the_data_set_is_absent(tmp_path):
